@@ -1,0 +1,1 @@
+"""Shared pieces of every stage: configuration, names, manifest, errors and logging."""

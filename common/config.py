@@ -1,0 +1,380 @@
+"""Typed pipeline configuration: defaults < YAML file < environment < command-line overrides.
+
+Every field has a documented default and is validated in `__post_init__`. Unknown keys anywhere
+are an error that lists the valid ones. Environment variables are `RETRIEVAL_<SECTION>__<FIELD>`,
+for example `RETRIEVAL_TRAIN__EPOCHS=3`; overrides are `section.field=value` strings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+from common import contract
+from common.errors import ConfigError
+
+ENV_PREFIX = "RETRIEVAL_"
+
+ALICCP_USER_FEATURES = (
+    "user_shops",
+    "user_profile",
+    "user_group",
+    "user_gender",
+    "user_age",
+    "user_consumption_2",
+    "user_is_occupied",
+    "user_geography",
+    "user_intentions",
+    "user_brands",
+    "user_categories",
+)
+ALICCP_ITEM_FEATURES = ("item_category", "item_shop", "item_brand")
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Where interactions come from and how they are split.
+
+    Attributes:
+        source: "synthetic" (our generator with known user/item tastes, the default),
+            "merlin" (merlin's `generate_data("aliccp-raw")`, which has no signal), or
+            "aliccp" (the real Tianchi Ali-CCP raw CSV files in `aliccp_dir`).
+        aliccp_dir: folder holding `train/sample_skeleton_train.csv` and
+            `train/common_features_train.csv` (and the `test/` pair) from Tianchi.
+        aliccp_max_rows: read at most this many skeleton rows per split (None: all).
+        num_users: users generated (synthetic sources).
+        num_items: items generated (synthetic sources).
+        num_impressions: impression rows generated, clicked or not (synthetic sources).
+        latent_dim: size of the hidden taste vectors behind the synthetic clicks.
+        valid_fraction: share of each user's impressions held out for validation.
+        seed: seed of every random draw in data generation and splitting.
+        user_id: column holding the user id.
+        item_id: column holding the item id.
+        user_features: categorical user feature columns (the query tower's inputs besides the id).
+        item_features: categorical item feature columns.
+        label: interaction label column.
+        positive_value: label value that marks a positive interaction.
+    """
+
+    source: str = "synthetic"
+    aliccp_dir: str | None = None
+    aliccp_max_rows: int | None = None
+    num_users: int = 5_000
+    num_items: int = 2_000
+    num_impressions: int = 400_000
+    latent_dim: int = 16
+    valid_fraction: float = 0.2
+    seed: int = 42
+    user_id: str = "user_id"
+    item_id: str = "item_id"
+    user_features: tuple[str, ...] = ALICCP_USER_FEATURES
+    item_features: tuple[str, ...] = ALICCP_ITEM_FEATURES
+    label: str = "click"
+    positive_value: int = 1
+
+    def __post_init__(self) -> None:
+        sources = ("synthetic", "merlin", "aliccp")
+        _check(self.source in sources, f"data.source must be one of {sources}, got {self.source!r}")
+        if self.source == "aliccp":
+            _check(bool(self.aliccp_dir), "data.source=aliccp needs data.aliccp_dir")
+        _check(self.num_users >= 2, f"data.num_users must be >= 2, got {self.num_users}")
+        _check(self.num_items >= 2, f"data.num_items must be >= 2, got {self.num_items}")
+        _check(self.num_impressions >= 10, "data.num_impressions must be >= 10")
+        _check(self.latent_dim >= 1, "data.latent_dim must be >= 1")
+        _check(0.0 < self.valid_fraction < 1.0, "data.valid_fraction must be in (0, 1)")
+        columns = [self.user_id, self.item_id, *self.user_features, *self.item_features, self.label]
+        duplicates = sorted({c for c in columns if columns.count(c) > 1})
+        _check(not duplicates, f"data columns must be distinct, repeated: {duplicates}")
+
+    @property
+    def user_columns(self) -> tuple[str, ...]:
+        return (self.user_id, *self.user_features)
+
+    @property
+    def item_columns(self) -> tuple[str, ...]:
+        return (self.item_id, *self.item_features)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Two-tower model and its training.
+
+    Attributes:
+        query_mlp: hidden sizes of the query (user) tower; the last is the embedding size.
+        item_mlp: hidden sizes of the item tower; its last must equal query_mlp's.
+        embedding_dim: size of every categorical embedding table feeding the towers.
+        batch_size: training batch size, which is also the number of in-batch negatives.
+        epochs: maximum training epochs.
+        learning_rate: Adam learning rate.
+        temperature: logits are divided by it before the in-batch softmax.
+        logq_correction: weight of the log-popularity correction of in-batch logits (0: off).
+        dropout: dropout after each hidden MLP layer.
+        early_stopping_patience: epochs without a better validation recall before stopping (0: off).
+        eval_ks: cut-offs of the full-catalogue evaluation.
+        seed: seed of TensorFlow and NumPy during training.
+    """
+
+    query_mlp: tuple[int, ...] = (128, 64)
+    item_mlp: tuple[int, ...] = (128, 64)
+    embedding_dim: int = 32
+    batch_size: int = 1024
+    epochs: int = 8
+    learning_rate: float = 0.005
+    temperature: float = 0.1
+    logq_correction: float = 0.0
+    dropout: float = 0.0
+    early_stopping_patience: int = 2
+    eval_ks: tuple[int, ...] = (10, 50, 100)
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        _check(len(self.query_mlp) >= 1 and min(self.query_mlp) >= 1, "train.query_mlp needs sizes >= 1")
+        _check(len(self.item_mlp) >= 1 and min(self.item_mlp) >= 1, "train.item_mlp needs sizes >= 1")
+        _check(
+            self.query_mlp[-1] == self.item_mlp[-1],
+            f"the towers must end in the same size: query {self.query_mlp[-1]}, item {self.item_mlp[-1]}",
+        )
+        _check(self.embedding_dim >= 1, "train.embedding_dim must be >= 1")
+        _check(self.batch_size >= 2, "train.batch_size must be >= 2 (in-batch negatives)")
+        _check(self.epochs >= 1, "train.epochs must be >= 1")
+        _check(self.learning_rate > 0, "train.learning_rate must be > 0")
+        _check(self.temperature > 0, "train.temperature must be > 0")
+        _check(self.logq_correction >= 0, "train.logq_correction must be >= 0")
+        _check(0 <= self.dropout < 1, "train.dropout must be in [0, 1)")
+        _check(self.early_stopping_patience >= 0, "train.early_stopping_patience must be >= 0")
+        _check(len(self.eval_ks) >= 1 and min(self.eval_ks) >= 1, "train.eval_ks needs cut-offs >= 1")
+
+    @property
+    def embedding_size(self) -> int:
+        return self.query_mlp[-1]
+
+
+@dataclass(frozen=True, kw_only=True)
+class IndexConfig:
+    """The FAISS index served for top-K search.
+
+    Attributes:
+        kind: "flat" (exact inner product), "ivf" (IVF-Flat) or "hnsw" (HNSW-Flat).
+        nlist: IVF cells; capped at the catalogue size / 39 so that k-means has data.
+        nprobe: IVF cells visited per query.
+        hnsw_m: HNSW graph degree.
+        ef_construction: HNSW build-time beam width.
+        ef_search: HNSW search-time beam width.
+        min_recall_at_10: the export fails when the index's recall@10 against exact search is lower.
+        recall_sample: query vectors used to measure that recall.
+    """
+
+    kind: str = "flat"
+    nlist: int = 1024
+    nprobe: int = 32
+    hnsw_m: int = 32
+    ef_construction: int = 200
+    ef_search: int = 128
+    min_recall_at_10: float = 0.95
+    recall_sample: int = 1000
+
+    def __post_init__(self) -> None:
+        kinds = ("flat", "ivf", "hnsw")
+        _check(self.kind in kinds, f"index.kind must be one of {kinds}, got {self.kind!r}")
+        _check(self.nlist >= 1 and self.nprobe >= 1, "index.nlist and index.nprobe must be >= 1")
+        _check(self.hnsw_m >= 2, "index.hnsw_m must be >= 2")
+        _check(self.ef_search >= 1 and self.ef_construction >= 1, "index.ef_* must be >= 1")
+        _check(0 <= self.min_recall_at_10 <= 1, "index.min_recall_at_10 must be in [0, 1]")
+        _check(self.recall_sample >= 1, "index.recall_sample must be >= 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServeConfig:
+    """The Triton model repository and server.
+
+    Attributes:
+        host: address every endpoint binds to; loopback unless deliberately exposed.
+        http_port: HTTP/REST port.
+        grpc_port: gRPC port.
+        metrics_port: Prometheus metrics port.
+        max_batch_size: most users in one request, and in one dynamically merged batch.
+        default_top_k: items returned per user when a request does not say.
+        max_top_k: the largest top_k a request may ask for.
+        max_exclude: the most excluded items a request may send per user.
+        max_queue_delay_us: how long the dynamic batcher waits to merge requests.
+        instance_count: executor model instances (each a Python process).
+        threads: intra-op threads of TensorFlow and FAISS in each instance.
+        ready_timeout_s: how long `serve` waits for the server to become ready.
+    """
+
+    host: str = contract.DEFAULT_HOST
+    http_port: int = contract.DEFAULT_HTTP_PORT
+    grpc_port: int = contract.DEFAULT_GRPC_PORT
+    metrics_port: int = contract.DEFAULT_METRICS_PORT
+    max_batch_size: int = 256
+    default_top_k: int = 10
+    max_top_k: int = 1000
+    max_exclude: int = 1000
+    max_queue_delay_us: int = 500
+    instance_count: int = 1
+    threads: int = 1
+    ready_timeout_s: float = 180.0
+
+    def __post_init__(self) -> None:
+        ports = (self.http_port, self.grpc_port, self.metrics_port)
+        _check(all(0 < p < 65536 for p in ports), f"serve ports must be in 1..65535, got {ports}")
+        _check(len(set(ports)) == 3, f"serve ports must differ, got {ports}")
+        _check(self.max_batch_size >= 1, "serve.max_batch_size must be >= 1")
+        _check(self.max_top_k >= 1, "serve.max_top_k must be >= 1")
+        _check(
+            1 <= self.default_top_k <= self.max_top_k,
+            f"serve.default_top_k must be in 1..max_top_k={self.max_top_k}, got {self.default_top_k}",
+        )
+        _check(self.max_exclude >= 0, "serve.max_exclude must be >= 0")
+        _check(self.max_queue_delay_us >= 0, "serve.max_queue_delay_us must be >= 0")
+        _check(self.instance_count >= 1, "serve.instance_count must be >= 1")
+        _check(self.threads >= 1, "serve.threads must be >= 1")
+        _check(self.ready_timeout_s > 0, "serve.ready_timeout_s must be > 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PipelineConfig:
+    """All stages' settings; each stage reads its own section."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_SECTION_TYPES = {"data": DataConfig, "train": TrainConfig, "index": IndexConfig, "serve": ServeConfig}
+
+
+def _coerce(section: str, name: str, hint: Any, value: Any) -> Any:
+    """Turns a YAML or string value into the field's declared type."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    where = f"{section}.{name}"
+    if value is None:
+        if type(None) in args:
+            return None
+        raise ConfigError(f"{where} cannot be null")
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        inner = [a for a in args if a is not type(None)][0]
+        if isinstance(value, str) and value.lower() in ("none", "null", ""):
+            return None
+        return _coerce(section, name, inner, value)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.replace("[", "").replace("]", "").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} expects a list, got {value!r}")
+        return tuple(_coerce(section, name, args[0], v) for v in value)
+    try:
+        if hint is bool:
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if hint is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if hint is float:
+            return float(value)
+        if hint is str:
+            return str(value).strip()
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where} expects {hint.__name__}, got {value!r}") from e
+    return value
+
+
+def _apply(base: PipelineConfig, updates: Mapping[str, Mapping[str, Any]], origin: str) -> PipelineConfig:
+    sections = {}
+    for section, values in updates.items():
+        if section not in _SECTION_TYPES:
+            raise ConfigError(
+                f"unknown config section {section!r} in {origin}; valid: {sorted(_SECTION_TYPES)}"
+            )
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"config section {section!r} in {origin} must be a mapping")
+        cls = _SECTION_TYPES[section]
+        hints = typing.get_type_hints(cls)
+        valid = [f.name for f in dataclasses.fields(cls)]
+        coerced = {}
+        for name, value in values.items():
+            if name not in valid:
+                raise ConfigError(f"unknown key {section}.{name} in {origin}; valid: {valid}")
+            coerced[name] = _coerce(section, name, hints[name], value)
+        sections[section] = dataclasses.replace(getattr(base, section), **coerced)
+    return dataclasses.replace(base, **sections)
+
+
+def _parse_overrides(overrides: Sequence[str], origin: str) -> dict[str, dict[str, str]]:
+    out: dict[str, dict[str, str]] = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot or not name:
+            raise ConfigError(f"{origin} override {item!r} must look like section.field=value")
+        out.setdefault(section, {})[name] = value
+    return out
+
+
+def _from_env(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
+    out: dict[str, dict[str, str]] = {}
+    for key, value in environ.items():
+        if key.startswith(ENV_PREFIX) and "__" in key:
+            section, _, name = key[len(ENV_PREFIX) :].lower().partition("__")
+            out.setdefault(section, {})[name] = value
+    return out
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    environ: Mapping[str, str] | None = None,
+    base: PipelineConfig | None = None,
+) -> PipelineConfig:
+    """Builds the configuration: defaults, then the YAML file, the environment, the overrides.
+
+    Args:
+        base: starting point instead of the defaults (the settings stored with artifacts, say).
+        path: optional YAML file with `data:`, `train:`, `index:`, `serve:` sections.
+        overrides: `section.field=value` strings, applied last.
+        environ: environment to read `RETRIEVAL_<SECTION>__<FIELD>` from (default os.environ).
+
+    Raises:
+        ConfigError: unknown section or key, a value of the wrong type, or a failed validation.
+    """
+    cfg = base or PipelineConfig()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+        if not isinstance(loaded, Mapping):
+            raise ConfigError(f"config file {path} must hold a mapping of sections")
+        cfg = _apply(cfg, loaded, str(path))
+    cfg = _apply(cfg, _from_env(os.environ if environ is None else environ), "the environment")
+    return _apply(cfg, _parse_overrides(overrides, "command-line"), "the command line")
+
+
+def config_from_dict(values: Mapping[str, Mapping[str, Any]]) -> PipelineConfig:
+    """Rebuilds a configuration saved with `PipelineConfig.to_dict` (in a manifest, say)."""
+    return _apply(PipelineConfig(), values, "a saved configuration")

@@ -1,0 +1,1 @@
+"""Training pipeline: data, ETL, two-tower training, evaluation and export."""

@@ -1,0 +1,40 @@
+"""CLI of the training job: `python -m train run --work DIR --out DIR` (see --help)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from common.cli import add_config_args, config_from_args, run_cli
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m train", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="data -> ETL -> training -> evaluation -> export")
+    run.add_argument("--work", required=True, type=Path, help="folder for raw splits and ETL output")
+    run.add_argument("--out", required=True, type=Path, help="artifacts folder to write")
+    run.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    add_config_args(run)
+    data = sub.add_parser("data", help="only write the raw train/valid splits")
+    data.add_argument("--out", required=True, type=Path, help="folder for train.parquet and valid.parquet")
+    add_config_args(data)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cfg = config_from_args(args)
+    if args.command == "data":
+        from train.data import prepare_data
+
+        prepare_data(cfg.data, args.out)
+        return 0
+    from train.pipeline import run_training
+
+    run_training(cfg, args.work, args.out, overwrite=args.overwrite)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

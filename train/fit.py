@@ -1,0 +1,147 @@
+"""Two-tower training with early stopping on full-catalogue Recall@10 of the tuning users."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+from merlin.io import Dataset
+
+from common.config import DataConfig, TrainConfig
+from train import etl as etl_stage
+from train.evaluate import EvalSet, build_eval_set, embedding_scorer, rank_metrics, split_tune_eval, top_k
+from train.model import build_two_tower, encode_in_batches, item_probabilities, tower_schemas
+
+LOG = logging.getLogger(__name__)
+
+
+@dataclass
+class Tables:
+    """The encoded entity tables and the positives, in table-row coordinates.
+
+    Attributes:
+        users: encoded user features, one row per training user (query tower input).
+        items: encoded item features, one row per catalogue item (item tower input).
+        train_pairs: (user rows [n], item rows [n]) of training positives.
+        valid_pairs: (user rows [m], item rows [m]) of held-out positives; item row -1 when the
+            item is not in the catalogue. Users absent from training are dropped.
+    """
+
+    users: pd.DataFrame
+    items: pd.DataFrame
+    train_pairs: tuple[np.ndarray, np.ndarray]
+    valid_pairs: tuple[np.ndarray, np.ndarray]
+
+    def eval_set(self) -> EvalSet:
+        return build_eval_set(*self.train_pairs, *self.valid_pairs, len(self.users), len(self.items))
+
+
+def _row_lookup(codes: np.ndarray) -> np.ndarray:
+    """Array mapping an encoded id to its table row, -1 elsewhere."""
+    lookup = np.full(int(codes.max()) + 2, -1, dtype=np.int64)
+    lookup[codes] = np.arange(len(codes))
+    return lookup
+
+
+def _to_rows(lookup: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    inside = (codes >= 0) & (codes < len(lookup))
+    return np.where(inside, lookup[np.clip(codes, 0, len(lookup) - 1)], -1)
+
+
+def load_tables(etl_dir: Path, cfg: DataConfig) -> Tables:
+    """Reads the ETL output into table-row coordinates."""
+    users = pd.read_parquet(etl_dir / etl_stage.USERS_ENCODED)
+    items = pd.read_parquet(etl_dir / etl_stage.ITEMS_ENCODED)
+    user_rows = _row_lookup(users[cfg.user_id].to_numpy())
+    item_rows = _row_lookup(items[cfg.item_id].to_numpy())
+    pairs = {}
+    for name in (etl_stage.TRAIN_DIR, etl_stage.VALID_DIR):
+        df = etl_stage.read_encoded(etl_dir / name, [cfg.user_id, cfg.item_id])
+        u = _to_rows(user_rows, df[cfg.user_id].to_numpy())
+        i = _to_rows(item_rows, df[cfg.item_id].to_numpy())
+        keep = u >= 0
+        pairs[name] = (u[keep], i[keep])
+    return Tables(users, items, pairs[etl_stage.TRAIN_DIR], pairs[etl_stage.VALID_DIR])
+
+
+def tower_inputs(table: pd.DataFrame) -> dict[str, np.ndarray]:
+    return {c: table[c].to_numpy(dtype=np.int32) for c in table.columns}
+
+
+@dataclass
+class TrainResult:
+    """A trained model and how training went.
+
+    Attributes:
+        model: the two-tower model with the weights of its best epoch.
+        history: per epoch: loss, tuning recall@10, seconds, examples/s.
+        best_epoch: 1-based epoch whose weights were kept.
+        examples_per_s: training examples per second over all epochs (fit time only).
+    """
+
+    model: tf.keras.Model
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int = 0
+    examples_per_s: float = 0.0
+
+
+def embeddings(model: tf.keras.Model, tables: Tables) -> tuple[np.ndarray, np.ndarray]:
+    """(query embeddings per user row, item embeddings per catalogue row)."""
+    return (
+        encode_in_batches(model.query_encoder, tower_inputs(tables.users)),
+        encode_in_batches(model.candidate_encoder, tower_inputs(tables.items)),
+    )
+
+
+def train_two_tower(cfg: TrainConfig, data_cfg: DataConfig, etl_dir: Path, tables: Tables) -> TrainResult:
+    """Trains `TwoTowerModelV2` on the encoded positives, keeping the best epoch's weights.
+
+    After each epoch the towers embed every tuning user and every catalogue item, and the
+    full-catalogue Recall@10 (training positives excluded) decides early stopping.
+    """
+    tf.keras.utils.set_random_seed(cfg.seed)
+    train = Dataset(str(etl_dir / etl_stage.TRAIN_DIR), engine="parquet")
+    user_schema, item_schema = tower_schemas(train.schema)
+    train.schema = user_schema + item_schema
+    probs = None
+    if cfg.logq_correction > 0:
+        cardinality = int(item_schema[data_cfg.item_id].int_domain.max) + 1
+        codes = etl_stage.read_encoded(etl_dir / etl_stage.TRAIN_DIR, [data_cfg.item_id])[data_cfg.item_id].to_numpy()
+        probs = item_probabilities(codes, cardinality)
+    model = build_two_tower(train.schema, cfg, probs)
+    tune, _ = split_tune_eval(tables.eval_set(), cfg.seed)
+    k = cfg.eval_ks[0]
+
+    result = TrainResult(model=model)
+    best_recall, best_weights, waited, fit_seconds = -1.0, None, 0, 0.0
+    n_examples = train.num_rows
+    for epoch in range(1, cfg.epochs + 1):
+        started = time.perf_counter()
+        hist = model.fit(train, batch_size=cfg.batch_size, epochs=1, verbose=0, shuffle=True)
+        seconds = time.perf_counter() - started
+        fit_seconds += seconds
+        queries, items = embeddings(model, tables)
+        recall = rank_metrics(top_k(embedding_scorer(queries, items), tune, k), tune, (k,))[f"recall@{k}"]
+        row = {"epoch": epoch, "loss": float(hist.history["loss"][-1]), f"tune_recall@{k}": recall,
+               "seconds": seconds, "examples_per_s": n_examples / seconds}
+        result.history.append(row)
+        LOG.info(
+            "epoch %d/%d: loss %.4f, tuning recall@%d %.4f, %.1f s (%.0f examples/s)",
+            epoch, cfg.epochs, row["loss"], k, recall, seconds, row["examples_per_s"],
+        )
+        if recall > best_recall:
+            best_recall, best_weights, waited, result.best_epoch = recall, model.get_weights(), 0, epoch
+        else:
+            waited += 1
+            if cfg.early_stopping_patience and waited >= cfg.early_stopping_patience:
+                LOG.info("early stopping: no better tuning recall for %d epochs", waited)
+                break
+    model.set_weights(best_weights)
+    result.examples_per_s = n_examples * len(result.history) / fit_seconds
+    LOG.info("kept epoch %d (tuning recall@%d %.4f)", result.best_epoch, k, best_recall)
+    return result

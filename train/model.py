@@ -1,0 +1,116 @@
+"""The merlin-models two-tower model: query and item `Encoder`s, in-batch softmax, optional logQ.
+
+merlin-models 23.12's `InBatchSamplerV2` gives no sampling probabilities, so its
+`logq_sampling_correction=True` only warns and changes nothing. `PopularityInBatchSampler`
+supplies the probabilities from training item frequencies, which makes the correction real.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+import merlin.models.tf as mm
+from merlin.models.tf.outputs.sampling.base import Candidate
+from merlin.models.tf.outputs.sampling.in_batch import InBatchSamplerV2
+from merlin.models.tf.outputs.contrastive import ContrastiveOutput
+from merlin.models.tf.outputs.base import DotProduct
+from merlin.schema import Schema, Tags
+
+from common.config import TrainConfig
+
+
+@tf.keras.utils.register_keras_serializable(package="retrieval")
+class PopularityInBatchSampler(InBatchSamplerV2):
+    """In-batch negatives that know each item's probability of being in a batch.
+
+    Args:
+        item_probs: [cardinality] float32, the share of training positives per encoded item id.
+        alpha: exponent of the correction: logits -= alpha * log(prob).
+    """
+
+    def __init__(self, item_probs: np.ndarray, alpha: float = 1.0, **kwargs):
+        super().__init__(**kwargs)
+        self.item_probs = np.asarray(item_probs, dtype=np.float32)
+        self.alpha = float(alpha)
+        self._table = tf.constant(self.item_probs)
+
+    def with_sampling_probs(self, items: Candidate) -> Candidate:
+        ids = tf.cast(items.id, tf.int32)
+        probs = tf.gather(self._table, ids)
+        if probs.shape.rank == 1:
+            probs = tf.expand_dims(probs, -1)
+        # p ** alpha keeps ContrastiveOutput's `logits -= log(p)` and scales it by alpha.
+        return items.with_sampling_prob(tf.pow(probs, self.alpha))
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(item_probs=self.item_probs.tolist(), alpha=self.alpha)
+        return config
+
+
+def item_probabilities(item_ids: np.ndarray, cardinality: int) -> np.ndarray:
+    """[cardinality] share of training positives per encoded item id, floored at one count."""
+    counts = np.bincount(item_ids, minlength=cardinality).astype(np.float64)
+    counts = np.maximum(counts, 1.0)
+    return (counts / counts.sum()).astype(np.float32)
+
+
+def _encoder(schema: Schema, sizes: tuple[int, ...], cfg: TrainConfig) -> mm.Encoder:
+    categorical = schema.select_by_tag(Tags.CATEGORICAL)
+    inputs = mm.InputBlockV2(schema, categorical=mm.Embeddings(categorical, dim=cfg.embedding_dim))
+    mlp = mm.MLPBlock(list(sizes), no_activation_last_layer=True, dropout=cfg.dropout or None)
+    return mm.Encoder(inputs, mlp, post=mm.L2Norm())
+
+
+def tower_schemas(schema: Schema) -> tuple[Schema, Schema]:
+    """(user columns, item columns) of an ETL output schema, selected by their tags."""
+    return schema.select_by_tag(Tags.USER), schema.select_by_tag(Tags.ITEM)
+
+
+def build_two_tower(schema: Schema, cfg: TrainConfig, item_probs: np.ndarray | None = None) -> mm.RetrievalModelV2:
+    """Builds and compiles `TwoTowerModelV2` with in-batch negatives.
+
+    Args:
+        schema: the ETL output schema (user and item columns, tagged).
+        cfg: tower sizes, temperature, learning rate, logQ weight.
+        item_probs: [item cardinality] needed when cfg.logq_correction > 0.
+    """
+    user_schema, item_schema = tower_schemas(schema)
+    query = _encoder(user_schema, cfg.query_mlp, cfg)
+    candidate = _encoder(item_schema, cfg.item_mlp, cfg)
+    if cfg.logq_correction > 0:
+        if item_probs is None:
+            raise ValueError("logQ correction needs item_probs")
+        sampler = PopularityInBatchSampler(item_probs, alpha=cfg.logq_correction)
+        outputs = ContrastiveOutput(
+            to_call=DotProduct(),
+            negative_samplers=[sampler],
+            logits_temperature=cfg.temperature,
+            schema=item_schema.select_by_tag(Tags.ITEM_ID),
+            logq_sampling_correction=True,
+        )
+        model = mm.TwoTowerModelV2(query, candidate, outputs=outputs)
+    else:
+        model = mm.TwoTowerModelV2(query, candidate, logits_temperature=cfg.temperature)
+    # No in-batch metrics: the full-catalogue evaluation is what counts, and top-k metrics break
+    # on a last batch smaller than k.
+    model.compile(optimizer=tf.keras.optimizers.Adam(cfg.learning_rate), run_eagerly=False, metrics=[])
+    return model
+
+
+def encode_in_batches(encoder: tf.keras.Model, features: dict[str, np.ndarray], batch_size: int = 8192) -> np.ndarray:
+    """Runs a tower over feature columns in batches.
+
+    Args:
+        encoder: a query or candidate `Encoder`.
+        features: column name -> [n] int32 encoded values.
+
+    Returns:
+        [n, dim] float32 embeddings.
+    """
+    n = len(next(iter(features.values())))
+    out = []
+    for start in range(0, n, batch_size):
+        batch = {k: tf.constant(v[start : start + batch_size]) for k, v in features.items()}
+        out.append(encoder(batch, training=False).numpy())
+    return np.concatenate(out).astype(np.float32) if out else np.zeros((0, 0), np.float32)
