@@ -1,0 +1,67 @@
+# Two-tower retrieval with NVIDIA Merlin, served by a real Triton Inference Server.
+# Every target creates .venv when it is missing. Paths are explicit; outputs are git-ignored.
+
+SHELL := /bin/bash
+PYTHON_SYS ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+BUILD ?= build
+WORK ?= $(BUILD)/work
+ARTIFACTS ?= $(BUILD)/artifacts
+REPOSITORY ?= model_repository
+CONFIG ?=
+CONFIG_FLAG := $(if $(CONFIG),--config $(CONFIG),)
+HOST ?= 127.0.0.1
+HTTP_PORT ?= 8000
+GRPC_PORT ?= 8001
+METRICS_PORT ?= 8002
+PYTEST_ARGS ?=
+
+export PYTHONPATH := $(CURDIR)
+export PYTHONUNBUFFERED := 1
+
+.PHONY: help venv train ensemble serve client demo test test-unit test-integration clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-18s %s\n", $$1, $$2}'
+
+$(STAMP): requirements.txt constraints.txt
+	@test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check pip==23.2.1
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt -c constraints.txt
+	$(PY) -m pip check
+	@touch $(STAMP)
+
+venv: $(STAMP) ## create .venv from the pinned requirements (Python 3.11)
+
+train: $(STAMP) ## data -> ETL -> training -> evaluation -> export into $(ARTIFACTS)
+	$(PY) -m train run --work $(WORK) --out $(ARTIFACTS) --overwrite $(CONFIG_FLAG)
+
+ensemble: $(STAMP) ## build the Triton model repository $(REPOSITORY) from $(ARTIFACTS)
+	$(PY) -m ensemble build --artifacts $(ARTIFACTS) --repository $(REPOSITORY) --overwrite $(CONFIG_FLAG)
+
+serve: $(STAMP) ## run tritonserver on $(REPOSITORY) in the foreground (Ctrl-C stops it)
+	$(PY) -m ensemble serve --repository $(REPOSITORY) --host $(HOST) \
+		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) $(CONFIG_FLAG)
+
+client: $(STAMP) ## ask a running server for a few users (USERS="11 42 7")
+	$(PY) -m client --url $(HOST):$(GRPC_PORT) --user-id $(or $(USERS),11 42 7) --top-k 10 --json
+
+demo: $(STAMP) ## the whole job end to end: train, build, serve, ask over gRPC and HTTP, stop
+	$(MAKE) --no-print-directory train ensemble
+	$(PY) -m client.demo --repository $(REPOSITORY) --artifacts $(ARTIFACTS) --host $(HOST) \
+		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+
+test: $(STAMP) ## unit and integration tests (starts the real tritonserver on free ports)
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+test-unit: $(STAMP) ## unit tests only (no server)
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+test-integration: $(STAMP) ## integration tests only
+	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
+
+clean: ## remove generated data, artifacts and the model repository (keeps .venv)
+	rm -rf $(BUILD) $(REPOSITORY)

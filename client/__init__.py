@@ -1,0 +1,1 @@
+"""Client for the retrieval server: library, CLI and load tests."""

@@ -1,0 +1,75 @@
+"""CLI: ask the retrieval server for users' top-k items.
+
+    python -m client --url 127.0.0.1:8001 --user-id 11 42 7 --top-k 10 --json
+    python -m client --http --url 127.0.0.1:8000 --user-id 11 --exclude 11:38252,9585
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from common.cli import run_cli
+from common.errors import ClientError
+
+
+def _exclusion(text: str) -> tuple[int, list[int]]:
+    user, sep, items = text.partition(":")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"--exclude expects USER:ITEM[,ITEM...], got {text!r}")
+    try:
+        return int(user), [int(i) for i in items.split(",") if i.strip()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"--exclude expects integer ids, got {text!r}") from e
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m client", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", help="host:port (default 127.0.0.1:8001 for gRPC, :8000 for HTTP)")
+    parser.add_argument("--http", action="store_true", help="use HTTP/REST instead of gRPC")
+    parser.add_argument("--user-id", dest="user_ids", type=int, nargs="+", required=True, metavar="ID", help="raw user ids")
+    parser.add_argument("--top-k", type=int, help="items per user (server default when omitted)")
+    parser.add_argument("--exclude", type=_exclusion, action="append", default=[], metavar="USER:ITEM,...",
+                        help="raw item ids to leave out for one user (repeatable)")
+    parser.add_argument("--exclude-seen", action="store_true", help="leave out items each user clicked in training")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--catalogue", type=Path, help="item_ids.npy of the artifacts: fail if an id is outside it")
+    parser.add_argument("--timeout-s", type=float, default=30.0)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    from client.client import RetrievalClient
+
+    args = parse_args(argv)
+    per_user = {}
+    for user, items in args.exclude:
+        if user not in args.user_ids:
+            raise ClientError(f"--exclude names user {user}, who is not among --user-id {args.user_ids}")
+        per_user.setdefault(user, []).extend(items)
+    exclude = [per_user.get(u, []) for u in args.user_ids] if per_user else None
+    protocol = "http" if args.http else "grpc"
+    with RetrievalClient(args.url, protocol, timeout_s=args.timeout_s) as client:
+        recs = client.recommend(args.user_ids, top_k=args.top_k, exclude=exclude, exclude_seen=args.exclude_seen or None)
+    catalogue = np.load(args.catalogue) if args.catalogue else None
+    recs.check(args.top_k, catalogue)
+    for user, items in per_user.items():
+        row = recs.item_ids[args.user_ids.index(user)]
+        if np.isin(row, items).any():
+            raise ClientError(f"user {user}: the answer holds excluded items {np.intersect1d(row, items).tolist()}")
+    if args.json:
+        print(json.dumps({"url": client.url, "protocol": protocol, "results": recs.as_dicts()}, indent=2))
+    else:
+        for row in recs.as_dicts():
+            flag = " (unknown user)" if row["unknown_user"] else ""
+            pairs = "  ".join(f"{i}:{s:.4f}" for i, s in zip(row["item_ids"], row["scores"]))
+            print(f"user {row['user_id']}{flag}: {pairs}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

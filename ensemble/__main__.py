@@ -1,0 +1,48 @@
+"""CLI of serving: `python -m ensemble build ...` writes the model repository, `serve` runs it."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from common.cli import add_config_args, config_from_args, run_cli
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m ensemble", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    build = sub.add_parser("build", help="export the Triton model repository from an artifacts folder")
+    build.add_argument("--artifacts", required=True, type=Path, help="output of `python -m train run`")
+    build.add_argument("--repository", required=True, type=Path, help="model repository folder to write")
+    build.add_argument("--overwrite", action="store_true", help="replace a non-empty --repository")
+    add_config_args(build)
+    serve = sub.add_parser("serve", help="run tritonserver on a model repository in the foreground")
+    serve.add_argument("--repository", required=True, type=Path, help="model repository folder")
+    serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--http-port", type=int)
+    serve.add_argument("--grpc-port", type=int)
+    serve.add_argument("--metrics-port", type=int)
+    add_config_args(serve)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.command == "build":
+        from common.config import config_from_dict
+        from common.manifest import read_manifest
+        from ensemble.build import build_repository
+
+        # Settings given here apply on top of those the artifacts were trained with.
+        base = config_from_dict(read_manifest(args.artifacts)["config"])
+        build_repository(args.artifacts, args.repository, overwrite=args.overwrite, cfg=config_from_args(args, base=base))
+        return 0
+    flags = {"host": args.host, "http_port": args.http_port, "grpc_port": args.grpc_port, "metrics_port": args.metrics_port}
+    cfg = config_from_args(args, [f"serve.{k}={v}" for k, v in flags.items() if v is not None])
+    from ensemble.server import serve_forever
+
+    return serve_forever(args.repository, cfg.serve)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,155 @@
+"""Builds the Triton model repository from an artifacts folder with merlin-systems' Ensemble.export.
+
+Graph: ["user_id"] >> LookupUserFeatures >> TransformUserFeatures >> QueryTower
+       (+ top_k, user_id, exclude_item_ids, exclude_seen) >> SearchItems, plus the unknown flag.
+
+`RetrievalRuntime` is merlin's `TritonExecutorRuntime` with our executor model: its
+config.pbtxt is written from `common.contract` (batch dimension, dynamic batching, limits as
+parameters) and its model.py is `ensemble.triton_model`, with our packages vendored beside it.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import nvtabular as nvt
+import tritonclient.grpc.model_config_pb2 as model_config
+from google.protobuf import text_format
+from merlin.schema import ColumnSchema, Schema
+from merlin.systems.dag import Ensemble
+from merlin.systems.dag.runtimes.triton import TritonExecutorRuntime
+
+from common import contract
+from common.config import PipelineConfig, config_from_dict
+from common.errors import ArtifactError
+from common.manifest import read_manifest
+from ensemble.ops.lookup import LookupUserFeatures
+from ensemble.ops.search import EXCLUDE_SEEN, TOP_K, SearchItems
+from ensemble.ops.tower import QueryTower
+from ensemble.ops.transform import TransformUserFeatures
+
+LOG = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+VENDORED_PACKAGES = ("common", "ensemble")
+BUILD_DIR = ".build"  # inside the model repository: intermediate files of the build
+
+
+def input_schema() -> Schema:
+    """The graph's request columns (one row per user)."""
+    return Schema([
+        ColumnSchema(contract.INPUT_USER_ID, dtype=np.int64),
+        ColumnSchema(TOP_K, dtype=np.int32),
+        ColumnSchema(contract.INPUT_EXCLUDE, dtype=np.int64, dims=(None, None)),
+        ColumnSchema(EXCLUDE_SEEN, dtype=np.bool_),
+    ])
+
+
+def build_ensemble(artifacts: Path, scratch: Path, cfg: PipelineConfig) -> Ensemble:
+    """Wires our operators into a merlin-systems Ensemble over the artifacts folder."""
+    from train.etl import user_workflow
+
+    data = cfg.data
+    user_wf_dir = scratch / "user_workflow"
+    user_workflow(nvt.Workflow.load(str(artifacts / contract.ARTIFACT_WORKFLOW)), data).save(str(user_wf_dir))
+
+    lookup = [contract.INPUT_USER_ID] >> LookupUserFeatures(
+        artifacts / contract.ARTIFACT_USER_FEATURES, data.user_id, data.user_features
+    )
+    encoded = lookup >> TransformUserFeatures(user_wf_dir, passthrough=(contract.OUTPUT_UNKNOWN,))
+    query = encoded >> QueryTower(artifacts / contract.ARTIFACT_QUERY_TOWER)
+    search_params = {"nprobe": cfg.index.nprobe} if cfg.index.kind == "ivf" else {}
+    if cfg.index.kind == "hnsw":
+        search_params = {"ef_search": cfg.index.ef_search}
+    results = (query + [TOP_K, contract.INPUT_USER_ID, contract.INPUT_EXCLUDE, EXCLUDE_SEEN]) >> SearchItems(
+        artifacts / contract.ARTIFACT_INDEX,
+        artifacts / contract.ARTIFACT_ITEM_IDS,
+        artifacts / contract.ARTIFACT_SEEN,
+        search_params,
+    )
+    outputs = results + encoded[[contract.OUTPUT_UNKNOWN]]
+    return Ensemble(outputs, input_schema())
+
+
+def executor_config(cfg: PipelineConfig, name: str = contract.MODEL_NAME) -> model_config.ModelConfig:
+    """config.pbtxt of the executor model, from the contract and the serve settings."""
+    serve = cfg.serve
+    dt = model_config.DataType.Value
+    config = model_config.ModelConfig(
+        name=name,
+        backend="python",
+        max_batch_size=serve.max_batch_size,
+        dynamic_batching=model_config.ModelDynamicBatching(max_queue_delay_microseconds=serve.max_queue_delay_us),
+        instance_group=[model_config.ModelInstanceGroup(kind=model_config.ModelInstanceGroup.KIND_CPU, count=serve.instance_count)],
+    )
+    config.input.append(model_config.ModelInput(name=contract.INPUT_USER_ID, data_type=dt("TYPE_INT64"), dims=[1]))
+    config.input.append(model_config.ModelInput(
+        name=contract.INPUT_EXCLUDE, data_type=dt("TYPE_INT64"), dims=[-1], optional=True, allow_ragged_batch=True,
+    ))
+    config.output.append(model_config.ModelOutput(name=contract.OUTPUT_ITEM_IDS, data_type=dt("TYPE_INT64"), dims=[-1]))
+    config.output.append(model_config.ModelOutput(name=contract.OUTPUT_SCORES, data_type=dt("TYPE_FP32"), dims=[-1]))
+    config.output.append(model_config.ModelOutput(name=contract.OUTPUT_UNKNOWN, data_type=dt("TYPE_BOOL"), dims=[1]))
+    for key, value in {
+        "default_top_k": serve.default_top_k, "max_top_k": serve.max_top_k,
+        "max_exclude": serve.max_exclude, "threads": serve.threads, "exclude_seen": "false",
+    }.items():
+        config.parameters[key].string_value = str(value)
+    return config
+
+
+class RetrievalRuntime(TritonExecutorRuntime):
+    """merlin's executor runtime, exporting our executor model instead of merlin's."""
+
+    def __init__(self, cfg: PipelineConfig):
+        super().__init__()
+        self.cfg = cfg
+
+    def _executor_model_export(self, path, export_name, ensemble, params=None, node_id=None, version=1):
+        model_dir = Path(path) / export_name
+        version_dir = model_dir / str(version)
+        version_dir.mkdir(parents=True, exist_ok=True)
+        config = executor_config(self.cfg, export_name)
+        (model_dir / "config.pbtxt").write_text(text_format.MessageToString(config))
+        shutil.copyfile(Path(__file__).with_name("triton_model.py"), version_dir / "model.py")
+        for package in VENDORED_PACKAGES:
+            shutil.copytree(REPO_ROOT / package, version_dir / "code" / package,
+                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"), dirs_exist_ok=True)
+        ensemble.save(str(version_dir / "ensemble"))
+        return config
+
+
+def build_repository(artifacts_dir: str | Path, repository: str | Path, overwrite: bool = False,
+                     cfg: PipelineConfig | None = None, version: int = 1) -> Path:
+    """Exports the Triton model repository for an artifacts folder.
+
+    Args:
+        artifacts_dir: output of `python -m train`.
+        repository: the model repository folder to write.
+        overwrite: replace an existing non-empty repository.
+        cfg: settings to serve with (default: those stored in the artifacts' manifest).
+        version: Triton model version folder to write.
+
+    Returns:
+        the repository path.
+    """
+    artifacts, repo = Path(artifacts_dir), Path(repository)
+    manifest = read_manifest(artifacts)
+    cfg = cfg or config_from_dict(manifest["config"])
+    if repo.exists() and any(repo.iterdir()):
+        if not overwrite:
+            raise ArtifactError(f"{repo} exists and is not empty; pass --overwrite to replace it")
+        shutil.rmtree(repo)
+    scratch = repo.parent / f".{repo.name}.build"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    try:
+        ensemble = build_ensemble(artifacts, scratch, cfg)
+        ensemble.export(str(repo), runtime=RetrievalRuntime(cfg), name=contract.MODEL_NAME, version=version)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    shutil.copy2(artifacts / contract.MANIFEST, repo / contract.MODEL_NAME / str(version) / contract.MANIFEST)
+    LOG.info("model repository written to %s (model %r, version %d)", repo, contract.MODEL_NAME, version)
+    return repo

@@ -1,0 +1,66 @@
+"""Operator: raw user id -> the user's stored raw features (the feature-store lookup)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+from merlin.dag import BaseOperator, ColumnSelector
+from merlin.schema import ColumnSchema, Schema
+from merlin.table import TensorTable
+
+from common import contract
+from ensemble.feature_store import FeatureStore, ParquetFeatureStore
+
+
+class LookupUserFeatures(BaseOperator):
+    """Looks up each user's raw features; unknown users get MISSING values and a flag.
+
+    Output columns: the user id (unchanged), one int64 column per raw feature, and
+    `unknown_user` (bool), true where the store has no row for the id.
+
+    Args:
+        table_path: parquet file with one row per user (saved beside the ensemble on export).
+        id_column: the user id column.
+        feature_names: the raw feature columns to return.
+    """
+
+    def __init__(self, table_path: str | Path, id_column: str, feature_names: tuple[str, ...]):
+        super().__init__()
+        self.table_path = str(table_path)
+        self.id_column = id_column
+        self.feature_names = tuple(feature_names)
+        self._store: FeatureStore | None = None
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_store"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._store = None
+
+    def save_artifacts(self, artifact_path: str) -> None:
+        shutil.copy2(self.table_path, Path(artifact_path) / Path(self.table_path).name)
+
+    def load_artifacts(self, artifact_path: str | None = None) -> None:
+        path = Path(artifact_path) / Path(self.table_path).name if artifact_path else Path(self.table_path)
+        self._store = ParquetFeatureStore(path, self.id_column, self.feature_names)
+
+    def set_store(self, store: FeatureStore) -> None:
+        """Replaces the embedded table with another store (a shared online store, say)."""
+        self._store = store
+
+    def compute_output_schema(self, input_schema: Schema, col_selector: ColumnSelector, prev_output_schema=None) -> Schema:
+        cols = [ColumnSchema(self.id_column, dtype=np.int64)]
+        cols += [ColumnSchema(name, dtype=np.int64) for name in self.feature_names]
+        cols.append(ColumnSchema(contract.OUTPUT_UNKNOWN, dtype=np.bool_))
+        return Schema(cols)
+
+    def transform(self, col_selector: ColumnSelector, transformable: TensorTable) -> TensorTable:
+        if self._store is None:
+            self.load_artifacts()
+        ids = np.asarray(transformable[self.id_column].values, dtype=np.int64).reshape(-1)
+        features, found = self._store.get(ids)
+        out = {self.id_column: ids, **features, contract.OUTPUT_UNKNOWN: ~found}
+        return type(transformable)(out)
