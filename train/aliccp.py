@@ -109,6 +109,7 @@ def convert_aliccp(folder: str | Path, cfg: DataConfig, out_dir: str | Path) -> 
     The converted files are written to out_dir (the input folder is only read).
     """
     folder, out_dir = Path(folder), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     frames = []
     for split in ("train", "test"):
         out = out_dir / f"aliccp_{split}.parquet"

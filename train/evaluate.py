@@ -148,12 +148,14 @@ def popularity_scorer(train_counts: sp.csr_matrix) -> Scorer:
 def als_scorer(train_counts: sp.csr_matrix, factors: int, regularization: float, alpha: float, iterations: int, seed: int) -> Scorer:
     """Matrix factorization with implicit's ALS (CPU), on the training positives."""
     from implicit.cpu.als import AlternatingLeastSquares
+    from threadpoolctl import threadpool_limits
 
-    model = AlternatingLeastSquares(
-        factors=factors, regularization=regularization, alpha=alpha, iterations=iterations,
-        random_state=seed, calculate_training_loss=False,
-    )
-    model.fit(train_counts.tocsr().astype(np.float32), show_progress=False)
+    with threadpool_limits(1, "blas"):  # implicit runs its own threads; BLAS threads fight them
+        model = AlternatingLeastSquares(
+            factors=factors, regularization=regularization, alpha=alpha, iterations=iterations,
+            random_state=seed, calculate_training_loss=False,
+        )
+        model.fit(train_counts.tocsr().astype(np.float32), show_progress=False)
     return embedding_scorer(np.asarray(model.user_factors), np.asarray(model.item_factors))
 
 

@@ -1,8 +1,9 @@
 """The merlin-models two-tower model: query and item `Encoder`s, in-batch softmax, optional logQ.
 
 merlin-models 23.12's `InBatchSamplerV2` gives no sampling probabilities, so its
-`logq_sampling_correction=True` only warns and changes nothing. `PopularityInBatchSampler`
-supplies the probabilities from training item frequencies, which makes the correction real.
+`logq_sampling_correction=True` warns "sampling probs were not found" and then fails adding an
+epsilon to None. `PopularityInBatchSampler` supplies the probabilities from training item
+frequencies, which makes the correction work.
 """
 
 from __future__ import annotations

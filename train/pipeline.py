@@ -28,11 +28,12 @@ ETL_DIR = "etl"
 
 @dataclass(frozen=True)
 class TrainingRun:
-    """What a training run produced: the artifacts folder, its manifest and the report."""
+    """What a training run produced: the artifacts folder, its manifest, the report and the model."""
 
     artifacts: Path
     manifest: Path
     report: dict
+    model: object
 
 
 def oracle_scorer(truth: Truth, etl_dir: Path, cfg: PipelineConfig) -> Scorer:
@@ -88,4 +89,4 @@ def run_training(cfg: PipelineConfig, work_dir: str | Path, out_dir: str | Path,
         LOG.info(line)
     manifest, _ = export_artifacts(cfg, work / ETL_DIR, tables, result, report, out, etl.rows_per_s)
     LOG.info("training job finished in %.1f s", time.perf_counter() - started)
-    return TrainingRun(out, manifest, report)
+    return TrainingRun(out, manifest, report, result.model)

@@ -1,0 +1,51 @@
+"""Shared fixtures: the tiny preset, one training run and one model repository per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from common.logs import quiet_libraries
+
+quiet_libraries()
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "configs" / "tiny.yaml"
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg():
+    from common.config import load_config
+
+    return load_config(TINY, environ={})
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, tiny_cfg):
+    """One tiny training run (data, ETL, training, evaluation, export) for the whole session."""
+    from train.pipeline import run_training
+
+    root = tmp_path_factory.mktemp("trained")
+    run = run_training(tiny_cfg, root / "work", root / "artifacts")
+    return {"run": run, "work": root / "work", "artifacts": root / "artifacts", "cfg": tiny_cfg}
+
+
+@pytest.fixture(scope="session")
+def repository(tmp_path_factory, trained):
+    """The Triton model repository built from the session's artifacts."""
+    from ensemble.build import build_repository
+
+    return build_repository(trained["artifacts"], tmp_path_factory.mktemp("repo") / "model_repository")
+
+
+@pytest.fixture(scope="session")
+def executor(repository, trained):
+    """The request path loaded in-process from the exported repository (no server)."""
+    from common import contract
+    from ensemble.executor import Limits, load_executor
+
+    serve = trained["cfg"].serve
+    limits = Limits(max_batch_size=serve.max_batch_size, default_top_k=serve.default_top_k,
+                    max_top_k=serve.max_top_k, max_exclude=serve.max_exclude)
+    return load_executor(repository / contract.MODEL_NAME / "1" / "ensemble", limits)

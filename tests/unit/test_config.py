@@ -1,0 +1,92 @@
+"""common.config: defaults, precedence, unknown keys and validation."""
+
+import pytest
+
+from common.config import DataConfig, PipelineConfig, ServeConfig, TrainConfig, config_from_dict, load_config
+from common.errors import ConfigError
+
+
+def test_defaults_are_valid_and_loopback():
+    cfg = PipelineConfig()
+    assert cfg.serve.host == "127.0.0.1"
+    assert (cfg.serve.http_port, cfg.serve.grpc_port, cfg.serve.metrics_port) == (8000, 8001, 8002)
+    assert cfg.train.query_mlp == (128, 64)
+
+
+def test_precedence_file_then_env_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  epochs: 3\n  batch_size: 64\ndata:\n  num_users: 50\n")
+    env = {"RETRIEVAL_TRAIN__EPOCHS": "4", "RETRIEVAL_DATA__SEED": "7"}
+    cfg = load_config(path, ["train.epochs=5"], environ=env)
+    assert cfg.train.epochs == 5  # override beats environment beats file
+    assert cfg.train.batch_size == 64  # from the file
+    assert cfg.data.seed == 7  # from the environment
+    assert cfg.data.num_users == 50
+
+
+def test_tuple_and_optional_values_are_coerced():
+    cfg = load_config(overrides=["train.query_mlp=[64,32]", "train.item_mlp=64,32", "data.aliccp_max_rows=none"], environ={})
+    assert cfg.train.query_mlp == (64, 32) and cfg.train.item_mlp == (64, 32)
+    assert cfg.data.aliccp_max_rows is None
+
+
+def test_unknown_key_lists_the_valid_ones():
+    with pytest.raises(ConfigError, match=r"unknown key train\.epoch .*valid: .*'epochs'"):
+        load_config(overrides=["train.epoch=3"], environ={})
+
+
+def test_unknown_section_is_an_error(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("trian:\n  epochs: 3\n")
+    with pytest.raises(ConfigError, match=r"unknown config section 'trian'.*valid: \['data', 'index', 'serve', 'train'\]"):
+        load_config(path, environ={})
+
+
+def test_wrong_type_names_field_and_value():
+    with pytest.raises(ConfigError, match=r"train\.epochs expects int, got 'three'"):
+        load_config(overrides=["train.epochs=three"], environ={})
+    with pytest.raises(ConfigError, match=r"train\.epochs expects int, got 2\.5"):
+        config_from_dict({"train": {"epochs": 2.5}})
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="must look like section.field=value"):
+        load_config(overrides=["epochs=3"], environ={})
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml", environ={})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad, environ={})
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(listy, environ={})
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: TrainConfig(query_mlp=(64, 32), item_mlp=(64, 16)), "towers must end in the same size"),
+        (lambda: TrainConfig(batch_size=1), "in-batch negatives"),
+        (lambda: TrainConfig(temperature=0), "temperature must be > 0"),
+        (lambda: DataConfig(source="csv"), "data.source must be one of"),
+        (lambda: DataConfig(source="aliccp"), "needs data.aliccp_dir"),
+        (lambda: DataConfig(valid_fraction=1.0), "valid_fraction"),
+        (lambda: DataConfig(user_features=("user_id",)), "repeated: \\['user_id'\\]"),
+        (lambda: ServeConfig(http_port=8001), "ports must differ"),
+        (lambda: ServeConfig(default_top_k=2000), "default_top_k must be in 1..max_top_k=1000"),
+        (lambda: ServeConfig(http_port=70000), "ports must be in 1..65535"),
+    ],
+)
+def test_validation_errors(make, message):
+    with pytest.raises(ConfigError, match=message):
+        make()
+
+
+def test_round_trip_through_dict():
+    cfg = load_config(overrides=["train.epochs=3", "index.kind=hnsw"], environ={})
+    assert config_from_dict(cfg.to_dict()) == cfg

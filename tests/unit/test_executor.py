@@ -1,0 +1,112 @@
+"""ensemble.executor: request validation, merging, and a graph runner equal to merlin's."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from merlin.systems.dag import Ensemble
+from merlin.table import TensorTable
+
+from common import contract
+from common.errors import RequestError
+from ensemble.executor import Limits, merge, parse_parameters, parse_request, split
+
+LIMITS = Limits(max_batch_size=4, default_top_k=3, max_top_k=20, max_exclude=2)
+
+
+def users(*ids):
+    return np.array(ids, dtype=np.int64).reshape(-1, 1)
+
+
+def test_a_valid_request_with_defaults():
+    r = parse_request({contract.INPUT_USER_ID: users(1, 2)}, {}, LIMITS, n_items=100)
+    assert r.top_k == 3 and r.exclude.shape == (2, 0) and r.exclude_seen is False
+    r = parse_request({contract.INPUT_USER_ID: users(1), contract.INPUT_EXCLUDE: np.array([[5, -1]])},
+                      {"top_k": "7", "exclude_seen": "true"}, LIMITS, n_items=100)
+    assert r.top_k == 7 and r.exclude_seen is True
+
+
+@pytest.mark.parametrize(
+    "tensors, params, message",
+    [
+        ({}, {}, r"missing input 'user_id' \(INT64 \[batch, 1\]\)"),
+        ({contract.INPUT_USER_ID: users(1).astype(np.int32)}, {}, "must be INT64, got int32"),
+        ({contract.INPUT_USER_ID: np.array([1, 2], np.int64)}, {}, r"shape \[batch, 1\], got \[2\]"),
+        ({contract.INPUT_USER_ID: np.zeros((0, 1), np.int64)}, {}, "holds no users; send 1 to 4"),
+        ({contract.INPUT_USER_ID: users(1, 2, 3, 4, 5)}, {}, "batch of 5 users is over the maximum of 4"),
+        ({contract.INPUT_USER_ID: users(1)}, {"top_k": 0}, r"top_k must be in 1..20, got 0"),
+        ({contract.INPUT_USER_ID: users(1)}, {"top_k": -3}, r"top_k must be in 1..20, got -3"),
+        ({contract.INPUT_USER_ID: users(1)}, {"top_k": 21}, r"top_k must be in 1..20, got 21"),
+        ({contract.INPUT_USER_ID: users(1)}, {"top_k": "ten"}, "top_k must be an integer, got 'ten'"),
+        ({contract.INPUT_USER_ID: users(1)}, {"top_k": 2.5}, "top_k must be an integer, got 2.5"),
+        ({contract.INPUT_USER_ID: users(1)}, {"top_k": True}, "top_k must be an integer, got True"),
+        ({contract.INPUT_USER_ID: users(1)}, {"exclude_seen": "maybe"}, "exclude_seen must be a boolean"),
+        ({contract.INPUT_USER_ID: users(1), contract.INPUT_EXCLUDE: np.array([[1.0]])}, {}, "must be INT64, got float64"),
+        ({contract.INPUT_USER_ID: users(1, 2), contract.INPUT_EXCLUDE: np.array([[1]], np.int64)}, {}, r"shape \[2, n\]"),
+        ({contract.INPUT_USER_ID: users(1), contract.INPUT_EXCLUDE: np.ones((1, 3), np.int64)}, {}, "3 ids per user, over the maximum of 2"),
+    ],
+)
+def test_every_bad_request_gets_its_own_message(tensors, params, message):
+    with pytest.raises(RequestError, match=message):
+        parse_request(tensors, params, LIMITS, n_items=100)
+
+
+def test_top_k_is_capped_by_the_catalogue():
+    with pytest.raises(RequestError, match=r"top_k must be in 1..8, got 9"):
+        parse_request({contract.INPUT_USER_ID: users(1)}, {"top_k": 9}, LIMITS, n_items=8)
+
+
+def test_parameters_json():
+    assert parse_parameters(None) == {} and parse_parameters('{"top_k": 5}') == {"top_k": 5}
+    with pytest.raises(RequestError, match="not valid JSON"):
+        parse_parameters("{")
+    with pytest.raises(RequestError, match="must be a JSON object"):
+        parse_parameters("[1]")
+
+
+def test_merge_and_split_keep_each_request_apart():
+    a = parse_request({contract.INPUT_USER_ID: users(1, 2)}, {"top_k": 2}, LIMITS, 100)
+    b = parse_request({contract.INPUT_USER_ID: users(3), contract.INPUT_EXCLUDE: np.array([[9, 8]])}, {"top_k": 4}, LIMITS, 100)
+    merged = merge([a, b])
+    assert merged["user_id"].tolist() == [1, 2, 3] and merged["top_k"].tolist() == [2, 2, 4]
+    assert merged[contract.INPUT_EXCLUDE].tolist() == [[-1, -1], [-1, -1], [9, 8]]
+    outputs = {contract.OUTPUT_ITEM_IDS: np.arange(12).reshape(3, 4), contract.OUTPUT_SCORES: np.zeros((3, 4), np.float32),
+               contract.OUTPUT_UNKNOWN: np.array([False, True, False])}
+    first, second = split(outputs, [a, b])
+    assert first[contract.OUTPUT_ITEM_IDS].tolist() == [[0, 1], [4, 5]] and second[contract.OUTPUT_ITEM_IDS].tolist() == [[8, 9, 10, 11]]
+    assert first[contract.OUTPUT_UNKNOWN].tolist() == [[False], [True]]
+
+
+def _graph_inputs(ids, k=5):
+    n = len(ids)
+    return {contract.INPUT_USER_ID: np.asarray(ids, np.int64), "top_k": np.full(n, k, np.int32),
+            contract.INPUT_EXCLUDE: np.full((n, 1), -1, np.int64), "exclude_seen": np.zeros(n, bool)}
+
+
+def test_graph_runner_equals_merlins_executor(executor, trained):
+    user_ids = pd.read_parquet(trained["artifacts"] / contract.ARTIFACT_USER_FEATURES).user_id.to_numpy()[:6]
+    inputs = _graph_inputs(np.append(user_ids, 10**9))
+    ours = executor.runner.run(inputs)
+    ensemble: Ensemble = executor.runner.ensemble
+    theirs = ensemble.transform(TensorTable(inputs))
+    for name in (contract.OUTPUT_ITEM_IDS, contract.OUTPUT_SCORES, contract.OUTPUT_UNKNOWN):
+        np.testing.assert_array_equal(ours[name], theirs[name].values)
+
+
+def test_bad_requests_do_not_disturb_good_ones_in_the_same_batch(executor, trained):
+    ids = pd.read_parquet(trained["artifacts"] / contract.ARTIFACT_USER_FEATURES).user_id.to_numpy()
+    good = ({contract.INPUT_USER_ID: users(*ids[:3])}, {"top_k": 4})
+    alone = executor.execute([good])[0]
+    answers = executor.execute([({}, {}), good, ({contract.INPUT_USER_ID: users(ids[0])}, {"top_k": 0}), good])
+    assert isinstance(answers[0], RequestError) and isinstance(answers[2], RequestError)
+    for answer in (answers[1], answers[3]):
+        np.testing.assert_array_equal(answer[contract.OUTPUT_ITEM_IDS], alone[contract.OUTPUT_ITEM_IDS])
+        np.testing.assert_array_equal(answer[contract.OUTPUT_SCORES], alone[contract.OUTPUT_SCORES])
+
+
+def test_batched_answers_equal_one_user_answers(executor, trained):
+    ids = pd.read_parquet(trained["artifacts"] / contract.ARTIFACT_USER_FEATURES).user_id.to_numpy()[:7]
+    batch = executor.execute([({contract.INPUT_USER_ID: users(*ids)}, {"top_k": 6})])[0]
+    for i, user in enumerate(ids):
+        one = executor.execute([({contract.INPUT_USER_ID: users(user)}, {"top_k": 6})])[0]
+        np.testing.assert_array_equal(one[contract.OUTPUT_ITEM_IDS][0], batch[contract.OUTPUT_ITEM_IDS][i])
+        np.testing.assert_allclose(one[contract.OUTPUT_SCORES][0], batch[contract.OUTPUT_SCORES][i], atol=1e-5)

@@ -1,0 +1,177 @@
+"""ensemble.ops: each operator against an oracle, and the stock merlin-systems ops they replace."""
+
+import cloudpickle
+import faiss
+import numpy as np
+import nvtabular as nvt
+import pandas as pd
+import pytest
+from merlin.dag import ColumnSelector
+from merlin.schema import ColumnSchema, Schema
+from merlin.systems.dag.ops.faiss import QueryFaiss
+from merlin.table import TensorTable
+
+from common import contract
+from ensemble.ops import MISSING
+from ensemble.ops.lookup import LookupUserFeatures
+from ensemble.ops.search import PAD_SCORE, SearchItems, ragged_gather
+from ensemble.ops.tower import QueryTower
+from ensemble.ops.transform import TransformUserFeatures
+from train.etl import user_workflow
+from train.index import build_index, exact_top_k
+from common.config import IndexConfig
+
+
+@pytest.fixture(scope="module")
+def user_wf_dir(trained, tmp_path_factory):
+    path = tmp_path_factory.mktemp("uwf") / "user_workflow"
+    user_workflow(nvt.Workflow.load(str(trained["artifacts"] / "workflow")), trained["cfg"].data).save(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def users_raw(trained):
+    return pd.read_parquet(trained["artifacts"] / contract.ARTIFACT_USER_FEATURES)
+
+
+def test_compiled_transform_equals_the_workflow(user_wf_dir, users_raw):
+    op = TransformUserFeatures(user_wf_dir)
+    op.load_artifacts()
+    assert op.compiled
+    rng = np.random.default_rng(0)
+    frame = users_raw.sample(200, replace=True, random_state=1).reset_index(drop=True)
+    for col in frame.columns:  # a quarter of the values never seen in training
+        unseen = rng.random(len(frame)) < 0.25
+        frame.loc[unseen, col] = frame[col].max() + 1 + rng.integers(0, 1000, unseen.sum())
+    expected = nvt.Workflow.load(str(user_wf_dir))._transform_df(frame)
+    out = op.transform(ColumnSelector(list(frame.columns)), TensorTable({c: frame[c].to_numpy() for c in frame.columns}))
+    for col in frame.columns:
+        np.testing.assert_array_equal(out[col].values, expected[col].to_numpy(), err_msg=col)
+        assert out[col].values.dtype == expected[col].dtype
+
+
+def test_missing_values_get_the_null_code_stock_categorify_cannot(user_wf_dir, users_raw):
+    op = TransformUserFeatures(user_wf_dir)
+    op.load_artifacts()
+    cols = list(users_raw.columns)
+    table = {c: users_raw[c].to_numpy()[:3].copy() for c in cols}
+    table["user_age"][1] = MISSING
+    out = op.transform(ColumnSelector(cols), TensorTable(table))
+    assert out["user_age"].values[1] == 1  # NVTabular's null index
+    frame = users_raw.head(3).astype({"user_age": "Int64"})
+    frame.loc[1, "user_age"] = pd.NA
+    with pytest.raises(RuntimeError, match="Failed to categorical encode column user_age"):
+        nvt.Workflow.load(str(user_wf_dir))._transform_df(frame)
+
+
+def test_lookup_returns_stored_features_and_flags_unknown_users(trained, users_raw):
+    cfg = trained["cfg"].data
+    op = LookupUserFeatures(trained["artifacts"] / contract.ARTIFACT_USER_FEATURES, cfg.user_id, cfg.user_features)
+    ids = np.array([users_raw.user_id.iloc[5], 10**12, users_raw.user_id.iloc[0]], dtype=np.int64)
+    out = op.transform(ColumnSelector([cfg.user_id]), TensorTable({cfg.user_id: ids}))
+    assert out[contract.OUTPUT_UNKNOWN].values.tolist() == [False, True, False]
+    assert out["user_age"].values.tolist() == [users_raw.user_age.iloc[5], MISSING, users_raw.user_age.iloc[0]]
+    np.testing.assert_array_equal(out[cfg.user_id].values, ids)
+    restored = cloudpickle.loads(cloudpickle.dumps(op))
+    assert restored._store is None  # the table is an artifact, not part of the pickle
+
+
+@pytest.fixture(scope="module")
+def catalogue(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    root = tmp_path_factory.mktemp("catalogue")
+    vectors = rng.normal(size=(500, 8)).astype(np.float32)
+    raw_ids = rng.choice(np.arange(10_000, 99_999), 500, replace=False).astype(np.int64)
+    faiss.write_index(build_index(vectors, IndexConfig(kind="flat")), str(root / "flat.faiss"))
+    faiss.write_index(build_index(vectors, IndexConfig(kind="ivf", nlist=12, nprobe=1)), str(root / "ivf.faiss"))
+    np.save(root / "ids.npy", raw_ids)
+    # user 7 clicked catalogue rows 0..4, user 9 clicked rows 10..11
+    np.savez(root / "seen.npz", user_ids=np.array([7, 9]), indptr=np.array([0, 5, 7]), indices=np.array([0, 1, 2, 3, 4, 10, 11]))
+    return root, vectors, raw_ids
+
+
+def _search_op(catalogue, index="flat.faiss", params=None):
+    root, _, _ = catalogue
+    op = SearchItems(root / index, root / "ids.npy", root / "seen.npz", params)
+    op.load_artifacts()
+    return op
+
+
+def test_search_equals_exact_numpy_with_raw_ids(catalogue):
+    _, vectors, raw_ids = catalogue
+    queries = np.random.default_rng(1).normal(size=(6, 8)).astype(np.float32)
+    ids, scores = _search_op(catalogue).search(queries, np.full(6, 10))
+    expected = exact_top_k(queries, vectors, 10)
+    np.testing.assert_array_equal(ids, raw_ids[expected])
+    np.testing.assert_allclose(scores, np.take_along_axis(queries @ vectors.T, expected, axis=1), rtol=1e-5)
+    assert ids.dtype == np.int64 and scores.dtype == np.float32
+
+
+def test_per_row_top_k_pads_short_rows(catalogue):
+    queries = np.random.default_rng(2).normal(size=(2, 8)).astype(np.float32)
+    ids, scores = _search_op(catalogue).search(queries, np.array([3, 5]))
+    assert ids.shape == (2, 5)
+    assert (ids[0, 3:] == -1).all() and (scores[0, 3:] == PAD_SCORE).all() and (ids[1] >= 0).all()
+
+
+def test_exclusions_never_appear_and_k_is_still_met(catalogue):
+    _, vectors, raw_ids = catalogue
+    op = _search_op(catalogue)
+    queries = np.random.default_rng(3).normal(size=(3, 8)).astype(np.float32)
+    best = op.search(queries, np.full(3, 10))[0]
+    exclude = np.full((3, 6), contract.EXCLUDE_PAD, np.int64)
+    exclude[0, :6] = best[0, :6]  # the first user's six best
+    exclude[1, :2] = [best[1, 0], 123]  # an id outside the catalogue is ignored
+    ids, _ = op.search(queries, np.full(3, 10), exclude=exclude)
+    assert not np.isin(ids[0], best[0, :6]).any() and best[1, 0] not in ids[1]
+    assert (ids >= 0).all() and ids.shape == (3, 10)
+    np.testing.assert_array_equal(ids[0, :4], best[0, 6:])  # the next ones move up, in order
+    np.testing.assert_array_equal(ids[2], best[2])  # a user without exclusions is unaffected
+
+
+def test_exclude_seen_uses_training_positives(catalogue):
+    _, _, raw_ids = catalogue
+    op = _search_op(catalogue)
+    queries = np.random.default_rng(4).normal(size=(3, 8)).astype(np.float32)
+    users = np.array([7, 9, 8], np.int64)  # user 8 has no history
+    ids, _ = op.search(queries, np.full(3, 490), user_ids=users, exclude_seen=np.array([True, True, True]))
+    assert not np.isin(raw_ids[[0, 1, 2, 3, 4]], ids[0]).any() and (ids[0] >= 0).all()  # 495 remain for k=490
+    assert not np.isin(raw_ids[[10, 11]], ids[1]).any()
+    assert (ids[2] >= 0).all()
+    np.testing.assert_array_equal(ragged_gather(np.array([0, 5, 7]), np.arange(7), np.array([1, 0]))[1], [5, 6, 0, 1, 2, 3, 4])
+
+
+def test_approximate_index_short_answers_are_searched_wider(catalogue):
+    op = _search_op(catalogue, "ivf.faiss", {"nprobe": 1})
+    queries = np.random.default_rng(5).normal(size=(4, 8)).astype(np.float32)
+    _, plain = op._index.search(queries, 200)
+    assert (plain < 0).any()  # one IVF cell of ~40 items cannot answer k=200
+    ids, _ = op.search(queries, np.full(4, 200))
+    assert (ids >= 0).all() and all(len(set(r)) == 200 for r in ids)
+
+
+def test_stock_query_faiss_flattens_the_batch_and_has_no_scores(catalogue):
+    root, vectors, _ = catalogue
+    stock = QueryFaiss(root / "flat.faiss", topk=5)
+    stock.load_artifacts("")
+    out = stock.transform(ColumnSelector(["q"]), TensorTable({"q": vectors[:3]}))
+    assert list(out.columns) == ["candidate_ids"] and out["candidate_ids"].values.shape == (15,)
+    two = Schema([ColumnSchema("a"), ColumnSchema("b")])
+    with pytest.raises(TypeError, match="unsupported operand type"):  # its error message divides strings
+        stock.validate_schemas(two, two, two, two)
+
+
+def test_query_tower_survives_pickling_stock_predict_tensorflow_does_not(trained, tmp_path):
+    from merlin.systems.dag.ops.tensorflow import PredictTensorflow
+
+    path = trained["artifacts"] / contract.ARTIFACT_QUERY_TOWER
+    stock = cloudpickle.loads(cloudpickle.dumps(PredictTensorflow(str(path))))
+    assert not hasattr(stock, "model")
+    ours = QueryTower(path)
+    ours.save_artifacts(str(tmp_path))
+    restored = cloudpickle.loads(cloudpickle.dumps(ours))
+    restored.load_artifacts(str(tmp_path))
+    users = pd.read_parquet(trained["work"] / "etl" / "users_encoded.parquet").head(4)
+    feats = {c: users[c].to_numpy() for c in users.columns}
+    np.testing.assert_allclose(restored.embed(feats), ours.embed(feats), atol=1e-6)
+    assert restored.embed(feats).shape == (4, trained["cfg"].train.embedding_size)
