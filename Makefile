@@ -52,7 +52,7 @@ client: $(STAMP) ## ask a running server for a few users (USERS="11 42 7")
 demo: $(STAMP) ## the whole job end to end: train, build, serve, ask over gRPC and HTTP, stop
 	$(MAKE) --no-print-directory train ensemble
 	$(PY) -m client.demo --repository $(REPOSITORY) --artifacts $(ARTIFACTS) --host $(HOST) \
-		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) --log $(BUILD)/tritonserver-demo.log
 
 test: $(STAMP) ## unit and integration tests (starts the real tritonserver on free ports)
 	$(PY) -m pytest tests $(PYTEST_ARGS)

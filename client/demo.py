@@ -7,7 +7,6 @@ READY in the server's own model list.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -33,6 +32,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--grpc-port", type=int, default=contract.DEFAULT_GRPC_PORT)
     parser.add_argument("--metrics-port", type=int, default=contract.DEFAULT_METRICS_PORT)
     parser.add_argument("--top-k", type=int, default=10)
+    parser.add_argument("--log", type=Path, help="write the server log here (default: stdout)")
     return parser.parse_args(argv)
 
 
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     cfg = ServeConfig(host=args.host, http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port)
     catalogue = np.load(args.artifacts / contract.ARTIFACT_ITEM_IDS)
     started = time.perf_counter()
-    with TritonServer(args.repository, cfg) as server:
+    with TritonServer(args.repository, cfg, log_path=args.log) as server:
         LOG.info("tritonserver ready in %.1f s (pid %d)", time.perf_counter() - started, server.process.pid)
         answers = {}
         for protocol, url in (("grpc", server.grpc_url), ("http", server.http_url)):
@@ -56,7 +56,11 @@ def main(argv=None) -> int:
             recs.check(args.top_k, catalogue)
             answers[protocol] = recs
             print(f"\n== {protocol} {url}: {len(DEMO_USERS)} users in one request, {latency_ms:.1f} ms; model list {index}")
-            print(json.dumps(recs.as_dicts()[:2], indent=1))
+            for row in recs.as_dicts():
+                flag = "  (unknown user)" if row["unknown_user"] else ""
+                print(f"user {row['user_id']}{flag}")
+                print(f"  item_ids {row['item_ids']}")
+                print(f"  scores   {[round(s, 4) for s in row['scores']]}")
             if not any(m["name"] == contract.MODEL_NAME and m.get("state") == "READY" for m in index):
                 raise ClientError(f"model {contract.MODEL_NAME!r} is not READY in the server's list: {index}")
         g, h = answers["grpc"], answers["http"]
