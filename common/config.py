@@ -57,6 +57,10 @@ class DataConfig:
         num_items: items generated (synthetic sources).
         num_impressions: impression rows generated, clicked or not (synthetic sources).
         latent_dim: size of the hidden taste vectors behind the synthetic clicks.
+        popularity_exponent: Zipf exponent of item exposure (synthetic; 1.0 is a steep head).
+        personal_taste: weight of each user's own taste against the one shared with their
+            demographic group (synthetic; 0 makes users of a group identical).
+        affinity_scale: how sharply clicks follow the user-item affinity (synthetic).
         valid_fraction: share of each user's impressions held out for validation.
         seed: seed of every random draw in data generation and splitting.
         user_id: column holding the user id.
@@ -72,8 +76,11 @@ class DataConfig:
     aliccp_max_rows: int | None = None
     num_users: int = 5_000
     num_items: int = 2_000
-    num_impressions: int = 400_000
-    latent_dim: int = 16
+    num_impressions: int = 250_000
+    latent_dim: int = 8
+    popularity_exponent: float = 0.7
+    personal_taste: float = 0.7
+    affinity_scale: float = 12.0
     valid_fraction: float = 0.2
     seed: int = 42
     user_id: str = "user_id"
@@ -92,6 +99,9 @@ class DataConfig:
         _check(self.num_items >= 2, f"data.num_items must be >= 2, got {self.num_items}")
         _check(self.num_impressions >= 10, "data.num_impressions must be >= 10")
         _check(self.latent_dim >= 1, "data.latent_dim must be >= 1")
+        _check(self.popularity_exponent >= 0, "data.popularity_exponent must be >= 0")
+        _check(self.personal_taste >= 0, "data.personal_taste must be >= 0")
+        _check(self.affinity_scale > 0, "data.affinity_scale must be > 0")
         _check(0.0 < self.valid_fraction < 1.0, "data.valid_fraction must be in (0, 1)")
         columns = [self.user_id, self.item_id, *self.user_features, *self.item_features, self.label]
         duplicates = sorted({c for c in columns if columns.count(c) > 1})
@@ -129,12 +139,12 @@ class TrainConfig:
     item_mlp: tuple[int, ...] = (128, 64)
     embedding_dim: int = 32
     batch_size: int = 1024
-    epochs: int = 8
+    epochs: int = 12
     learning_rate: float = 0.005
-    temperature: float = 0.1
-    logq_correction: float = 0.0
-    dropout: float = 0.0
-    early_stopping_patience: int = 2
+    temperature: float = 0.05
+    logq_correction: float = 1.0
+    dropout: float = 0.2
+    early_stopping_patience: int = 3
     eval_ks: tuple[int, ...] = (10, 50, 100)
     seed: int = 42
 

@@ -76,7 +76,9 @@ def server_environment() -> dict[str, str]:
 
 
 def port_is_free(host: str, port: int) -> bool:
+    """True when nothing listens on host:port (connections in TIME_WAIT do not count, as for Triton)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:

@@ -24,6 +24,11 @@ TRAIN_FILE = "train.parquet"
 VALID_FILE = "valid.parquet"
 TRUTH_FILE = "truth.npz"
 
+# Shape of the hidden model behind synthetic clicks (see generate_synthetic).
+EXPOSURE_SCALE = 8.0  # how personalized the logging policy's personalized channel is
+PERSONALIZED_SHARE = 0.8  # share of impressions from that channel (the rest: by popularity)
+CLICK_THRESHOLD = 0.5  # affinity at which a click is a coin flip
+
 # Vocabulary sizes of the demographic user features, as in Ali-CCP.
 _DEMOGRAPHICS = {
     "user_gender": 2,
@@ -160,7 +165,7 @@ def generate_synthetic(cfg: DataConfig) -> tuple[pd.DataFrame, Truth]:
         cat_vec[item_cat] + 0.6 * shop_vec[item_shop] + 0.4 * brand_vec[item_brand]
         + 0.3 * rng.normal(size=(n_items, dim))
     )
-    item_log_pop = -1.0 * np.log(rng.permutation(np.arange(1, n_items + 1)).astype(np.float64))
+    item_log_pop = -cfg.popularity_exponent * np.log(rng.permutation(np.arange(1, n_items + 1)).astype(np.float64))
 
     demo = {name: rng.integers(0, size, n_users) for name, size in _DEMOGRAPHICS.items()}
     demo_vec = {name: rng.normal(size=(size, dim)) for name, size in _DEMOGRAPHICS.items()}
@@ -168,7 +173,7 @@ def generate_synthetic(cfg: DataConfig) -> tuple[pd.DataFrame, Truth]:
         0.9 * demo_vec["user_age"][demo["user_age"]]
         + 0.9 * demo_vec["user_gender"][demo["user_gender"]]
         + 0.6 * demo_vec["user_group"][demo["user_group"]]
-        + 1.0 * rng.normal(size=(n_users, dim))
+        + cfg.personal_taste * rng.normal(size=(n_users, dim))
     )
     intent_vec = _unit(cat_vec[rng.integers(0, n_cat, n_intent)] + 0.5 * rng.normal(size=(n_intent, dim)))
     history = {
@@ -185,10 +190,10 @@ def generate_synthetic(cfg: DataConfig) -> tuple[pd.DataFrame, Truth]:
         user_taste=user_taste,
         item_taste=item_taste,
         item_log_pop=item_log_pop,
-        affinity_scale=8.0,
-        exposure_scale=4.0,
-        personalized_share=0.5,
-        click_bias=-4.0,
+        affinity_scale=cfg.affinity_scale,
+        exposure_scale=EXPOSURE_SCALE,
+        personalized_share=PERSONALIZED_SHARE,
+        click_bias=-cfg.affinity_scale * CLICK_THRESHOLD,
     )
 
     activity = rng.lognormal(0.0, 0.8, n_users)

@@ -68,9 +68,14 @@ def read_encoded(folder: Path, columns: list[str] | None = None) -> "pd.DataFram
     return pd.concat([pd.read_parquet(p, columns=columns) for p in parts], ignore_index=True)
 
 
-def feature_workflow(cfg: DataConfig) -> nvt.Workflow:
-    """The workflow of the seed notebook without its Filter: Categorify plus user/item tags."""
-    cat = lambda: ops.Categorify(dtype="int32")  # noqa: E731
+def feature_workflow(cfg: DataConfig, stats_dir: Path) -> nvt.Workflow:
+    """The workflow of the seed notebook without its Filter: Categorify plus user/item tags.
+
+    Args:
+        stats_dir: where Categorify writes its vocabularies while fitting (NVTabular's default
+            is ./categories in the working directory).
+    """
+    cat = lambda: ops.Categorify(dtype="int32", out_path=str(stats_dir))  # noqa: E731
     user_id = [cfg.user_id] >> cat() >> ops.TagAsUserID()
     item_id = [cfg.item_id] >> cat() >> ops.TagAsItemID()
     user_features = list(cfg.user_features) >> cat() >> ops.TagAsUserFeatures()
@@ -127,7 +132,7 @@ def run_etl(cfg: DataConfig, train_path: str | Path, valid_path: str | Path, out
     valid_raw = Dataset(str(valid_path), engine="parquet")
     n_rows = train_raw.num_rows + valid_raw.num_rows
 
-    workflow = feature_workflow(cfg)
+    workflow = feature_workflow(cfg, out / "fit_stats")
     workflow.fit(train_raw)
     workflow_dir = out / contract.ARTIFACT_WORKFLOW
     workflow.save(str(workflow_dir))

@@ -162,13 +162,13 @@ def als_scorer(train_counts: sp.csr_matrix, factors: int, regularization: float,
 def tuned_als_scorer(train_counts: sp.csr_matrix, tune: EvalSet, seed: int, k: int = 10) -> tuple[Scorer, dict]:
     """ALS with its confidence weight and factors picked on the tuning users (a fair baseline)."""
     best, best_params, best_recall = None, {}, -1.0
-    for factors in (32, 64):
-        for alpha in (1.0, 10.0, 40.0):
-            params = dict(factors=factors, regularization=0.05, alpha=alpha, iterations=15)
-            scorer = als_scorer(train_counts, seed=seed, **params)
-            recall = rank_metrics(top_k(scorer, tune, k), tune, (k,))[f"recall@{k}"]
-            if recall > best_recall:
-                best, best_params, best_recall = scorer, params, recall
+    grid = [(f, r, a) for f in (32, 64) for r in (0.01, 0.1) for a in (1.0, 10.0, 40.0)]
+    for factors, regularization, alpha in grid:
+        params = dict(factors=factors, regularization=regularization, alpha=alpha, iterations=15)
+        scorer = als_scorer(train_counts, seed=seed, **params)
+        recall = rank_metrics(top_k(scorer, tune, k), tune, (k,))[f"recall@{k}"]
+        if recall > best_recall:
+            best, best_params, best_recall = scorer, params, recall
     LOG.info("ALS tuned on %d users: %s (recall@%d %.4f)", tune.n_users, best_params, k, best_recall)
     return best, best_params
 

@@ -3,7 +3,10 @@
 merlin-models 23.12's `InBatchSamplerV2` gives no sampling probabilities, so its
 `logq_sampling_correction=True` warns "sampling probs were not found" and then fails adding an
 epsilon to None. `PopularityInBatchSampler` supplies the probabilities from training item
-frequencies, which makes the correction work.
+frequencies, which makes the correction work. ContrastiveOutput also divides by the temperature
+*after* subtracting log(p), which turns `alpha * log(p)` into `alpha / temperature * log(p)` (20x
+at temperature 0.05); the sampler hands out p ** (alpha * temperature) so that the logits come
+out as s / temperature - alpha * log(p), the correction of Yi et al. (2019).
 """
 
 from __future__ import annotations
@@ -26,13 +29,15 @@ class PopularityInBatchSampler(InBatchSamplerV2):
 
     Args:
         item_probs: [cardinality] float32, the share of training positives per encoded item id.
-        alpha: exponent of the correction: logits -= alpha * log(prob).
+        alpha: weight of the correction: logits = score / temperature - alpha * log(prob).
+        temperature: the model's logits temperature (undone here, see the module docstring).
     """
 
-    def __init__(self, item_probs: np.ndarray, alpha: float = 1.0, **kwargs):
+    def __init__(self, item_probs: np.ndarray, alpha: float = 1.0, temperature: float = 1.0, **kwargs):
         super().__init__(**kwargs)
         self.item_probs = np.asarray(item_probs, dtype=np.float32)
         self.alpha = float(alpha)
+        self.temperature = float(temperature)
         self._table = tf.constant(self.item_probs)
 
     def with_sampling_probs(self, items: Candidate) -> Candidate:
@@ -40,12 +45,13 @@ class PopularityInBatchSampler(InBatchSamplerV2):
         probs = tf.gather(self._table, ids)
         if probs.shape.rank == 1:
             probs = tf.expand_dims(probs, -1)
-        # p ** alpha keeps ContrastiveOutput's `logits -= log(p)` and scales it by alpha.
-        return items.with_sampling_prob(tf.pow(probs, self.alpha))
+        # ContrastiveOutput computes (score - log(p')) / temperature; p' = p ** (alpha * temperature)
+        # makes that score / temperature - alpha * log(p).
+        return items.with_sampling_prob(tf.pow(probs, self.alpha * self.temperature))
 
     def get_config(self):
         config = super().get_config()
-        config.update(item_probs=self.item_probs.tolist(), alpha=self.alpha)
+        config.update(item_probs=self.item_probs.tolist(), alpha=self.alpha, temperature=self.temperature)
         return config
 
 
@@ -82,7 +88,7 @@ def build_two_tower(schema: Schema, cfg: TrainConfig, item_probs: np.ndarray | N
     if cfg.logq_correction > 0:
         if item_probs is None:
             raise ValueError("logQ correction needs item_probs")
-        sampler = PopularityInBatchSampler(item_probs, alpha=cfg.logq_correction)
+        sampler = PopularityInBatchSampler(item_probs, alpha=cfg.logq_correction, temperature=cfg.temperature)
         outputs = ContrastiveOutput(
             to_call=DotProduct(),
             negative_samplers=[sampler],

@@ -88,3 +88,13 @@ def test_entity_tables_are_row_aligned(etl_dir, tiny_cfg):
     assert users_raw.user_id.is_monotonic_increasing
     items_enc = pd.read_parquet(etl_dir / etl.ITEMS_ENCODED)
     assert items_enc.item_id.is_unique and (items_enc.item_id >= 3).all()
+
+
+def test_etl_writes_only_where_it_is_told(trained, tiny_cfg, tmp_path, monkeypatch):
+    """NVTabular's Categorify writes ./categories by default; ours goes to the output folder."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    data = trained["work"] / "data"
+    etl.run_etl(tiny_cfg.data, data / "train.parquet", data / "valid.parquet", tmp_path / "out")
+    assert list(cwd.iterdir()) == []

@@ -79,3 +79,22 @@ def test_towers_embed_to_unit_vectors(trained):
     emb = encode_in_batches(loaded, tower_inputs(users), batch_size=3)
     assert emb.shape == (7, trained["cfg"].train.embedding_size)
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
+
+
+def test_logits_are_score_over_temperature_minus_alpha_log_p(batch, tiny_cfg):
+    """ContrastiveOutput scales by 1/temperature after subtracting log(p); the sampler undoes that."""
+    schema, features = batch
+    cardinality = int(schema["item_id"].int_domain.max) + 1
+    probs = item_probabilities(features["item_id"].numpy().ravel(), cardinality)
+    alpha, temperature = 0.8, 0.05
+    cfg = dataclasses.replace(tiny_cfg.train, logq_correction=alpha, temperature=temperature, dropout=0.0)
+    model = build_two_tower(schema, cfg, probs)
+    logits = model(features, targets=None, training=True).outputs.numpy()
+    q = model.query_encoder(features, training=False).numpy()
+    c = model.candidate_encoder(features, training=False).numpy()
+    ids = features["item_id"].numpy().ravel()
+    expected_pos = np.sum(q * c, axis=1) / temperature - alpha * np.log(probs[ids])
+    expected_neg = q @ c.T / temperature - alpha * np.log(probs[ids])[None, :]
+    np.testing.assert_allclose(logits[:, 0], expected_pos, rtol=1e-4, atol=1e-3)
+    different = ids[:, None] != ids[None, :]  # same-item negatives are masked as false negatives
+    np.testing.assert_allclose(logits[:, 1:][different], expected_neg[different], rtol=1e-4, atol=1e-3)
