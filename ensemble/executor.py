@@ -227,6 +227,14 @@ class RetrievalExecutor:
     n_items: int
     stats: dict = field(default_factory=lambda: {"requests": 0, "users": 0, "invalid": 0, "batches": 0})
 
+    def warm_up(self) -> None:
+        """Runs the graph once at 1 and at the largest batch so the first request pays no tracing."""
+        for batch in sorted({1, self.limits.max_batch_size}):
+            users = np.arange(batch, dtype=np.int64).reshape(-1, 1)
+            self.runner.run(merge([ParsedRequest(users.ravel(), min(self.limits.default_top_k, self.n_items),
+                                                 np.zeros((batch, 0), np.int64), False)]))
+        self.runner.timings_s.clear()
+
     def execute(self, requests: list[tuple[Mapping[str, np.ndarray | None], Mapping[str, Any]]]) -> list[dict[str, np.ndarray] | RequestError]:
         """Answers each (tensors, params) request with its outputs or its own RequestError."""
         answers: list[dict[str, np.ndarray] | RequestError | None] = [None] * len(requests)
@@ -280,4 +288,6 @@ def load_executor(ensemble_dir: str | Path, limits: Limits, threads: int = 1) ->
             node.op.load_artifacts(str(ensemble_dir))
             if isinstance(node.op, SearchItems):
                 n_items = node.op.n_items
-    return RetrievalExecutor(runner, limits, n_items)
+    executor = RetrievalExecutor(runner, limits, n_items)
+    executor.warm_up()
+    return executor
