@@ -18,11 +18,13 @@ HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 PYTEST_ARGS ?=
+SOAK_DURATION_S ?= 600
+SOAK_CONCURRENCY ?= 16
 
 export PYTHONPATH := $(CURDIR)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help venv train ensemble serve client demo test test-unit test-integration clean
+.PHONY: help venv train ensemble serve client demo soak test test-unit test-integration clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-18s %s\n", $$1, $$2}'
@@ -53,6 +55,11 @@ demo: $(STAMP) ## the whole job end to end: train, build, serve, ask over gRPC a
 	$(MAKE) --no-print-directory train ensemble
 	$(PY) -m client.demo --repository $(REPOSITORY) --artifacts $(ARTIFACTS) --host $(HOST) \
 		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) --log $(BUILD)/tritonserver-demo.log
+
+soak: $(STAMP) ## bounded mixed good/bad load on a fresh server (SOAK_DURATION_S=600, SOAK_CONCURRENCY=16)
+	$(PY) -m client.soak --repository $(REPOSITORY) --artifacts $(ARTIFACTS) --out $(BUILD)/soak \
+		--duration-s $(SOAK_DURATION_S) --concurrency $(SOAK_CONCURRENCY) \
+		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
 
 test: $(STAMP) ## unit and integration tests (starts the real tritonserver on free ports)
 	$(PY) -m pytest tests $(PYTEST_ARGS)

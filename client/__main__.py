@@ -2,6 +2,7 @@
 
     python -m client --url 127.0.0.1:8001 --user-id 11 42 7 --top-k 10 --json
     python -m client --http --url 127.0.0.1:8000 --user-id 11 --exclude 11:38252,9585
+    python -m client --user-id 99999 --feature user_age=3 --feature user_gender=1   # a new user
 """
 
 from __future__ import annotations
@@ -27,6 +28,16 @@ def _exclusion(text: str) -> tuple[int, list[int]]:
         raise argparse.ArgumentTypeError(f"--exclude expects integer ids, got {text!r}") from e
 
 
+def _feature(text: str) -> tuple[str, list[int | None]]:
+    name, sep, values = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"--feature expects NAME=VALUE[,VALUE...], got {text!r}")
+    try:
+        return name, [None if v.strip() in ("", "-") else int(v) for v in values.split(",")]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"--feature expects integer values (or - for none), got {text!r}") from e
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m client", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", help="host:port (default 127.0.0.1:8001 for gRPC, :8000 for HTTP)")
@@ -36,6 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--exclude", type=_exclusion, action="append", default=[], metavar="USER:ITEM,...",
                         help="raw item ids to leave out for one user (repeatable)")
     parser.add_argument("--exclude-seen", action="store_true", help="leave out items each user clicked in training")
+    parser.add_argument("--feature", type=_feature, action="append", default=[], metavar="NAME=V[,V...]",
+                        help="raw user feature, one value per user (- for none); replaces the stored value (repeatable)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--catalogue", type=Path, help="item_ids.npy of the artifacts: fail if an id is outside it")
     parser.add_argument("--timeout-s", type=float, default=30.0)
@@ -52,9 +65,14 @@ def main(argv=None) -> int:
             raise ClientError(f"--exclude names user {user}, who is not among --user-id {args.user_ids}")
         per_user.setdefault(user, []).extend(items)
     exclude = [per_user.get(u, []) for u in args.user_ids] if per_user else None
+    features = dict(args.feature)
+    for name, values in features.items():
+        if len(values) == 1 and len(args.user_ids) > 1:
+            features[name] = values * len(args.user_ids)
     protocol = "http" if args.http else "grpc"
     with RetrievalClient(args.url, protocol, timeout_s=args.timeout_s) as client:
-        recs = client.recommend(args.user_ids, top_k=args.top_k, exclude=exclude, exclude_seen=args.exclude_seen or None)
+        recs = client.recommend(args.user_ids, top_k=args.top_k, exclude=exclude, exclude_seen=args.exclude_seen or None,
+                                features=features or None)
     catalogue = np.load(args.catalogue) if args.catalogue else None
     recs.check(args.top_k, catalogue)
     for user, items in per_user.items():

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -148,6 +148,7 @@ class RetrievalClient:
         top_k: int | None = None,
         exclude: Sequence[Sequence[int]] | None = None,
         exclude_seen: bool | None = None,
+        features: Mapping[str, Sequence[int | None]] | None = None,
     ) -> Recommendations:
         """Top-k raw item ids and scores per user.
 
@@ -156,17 +157,24 @@ class RetrievalClient:
             top_k: items per user (server default when None).
             exclude: one list of raw item ids per user to leave out.
             exclude_seen: leave out what each user clicked in training (server default when None).
+            features: raw user-feature values, name -> one value per user (None: not given);
+                they replace stored values, and are how a new user's features are sent.
         """
         users = np.asarray(user_ids, dtype=np.int64).reshape(-1, 1)
         inputs = [self._input(contract.INPUT_USER_ID, users)]
         excl = _exclusion_matrix(exclude, len(users))
         if excl is not None:
             inputs.append(self._input(contract.INPUT_EXCLUDE, excl))
+        for name, values in (features or {}).items():
+            if len(values) != len(users):
+                raise ClientError(f"feature {name!r} needs one value per user: {len(users)} users, {len(values)} values")
+            column = [contract.FEATURE_NOT_GIVEN if v is None else int(v) for v in values]
+            inputs.append(self._input(name, np.asarray(column, dtype=np.int64).reshape(-1, 1), "INT64"))
         params = {}
         if top_k is not None:
             params[contract.PARAM_TOP_K] = int(top_k)
         if exclude_seen is not None:
-            params["exclude_seen"] = bool(exclude_seen)
+            params[contract.PARAM_EXCLUDE_SEEN] = bool(exclude_seen)
         outputs = [self._tc.InferRequestedOutput(n) for n in (contract.OUTPUT_ITEM_IDS, contract.OUTPUT_SCORES, contract.OUTPUT_UNKNOWN)]
         kwargs = {"parameters": params or None, "outputs": outputs}
         if self.protocol == "grpc":
@@ -179,8 +187,8 @@ class RetrievalClient:
             unknown_user=result.as_numpy(contract.OUTPUT_UNKNOWN).reshape(-1),
         )
 
-    def _input(self, name: str, array: np.ndarray):
-        tensor = self._tc.InferInput(name, list(array.shape), contract.DTYPES[name])
+    def _input(self, name: str, array: np.ndarray, dtype: str | None = None):
+        tensor = self._tc.InferInput(name, list(array.shape), dtype or contract.DTYPES[name])
         if self.protocol == "http":
             tensor.set_data_from_numpy(array, binary_data=True)
         else:

@@ -219,7 +219,8 @@ class ServeConfig:
         max_exclude: the most excluded items a request may send per user.
         max_queue_delay_us: how long the dynamic batcher waits to merge requests.
         instance_count: executor model instances (each a Python process).
-        threads: intra-op threads of TensorFlow and FAISS in each instance.
+        threads: intra-op threads of TensorFlow, BLAS and FAISS in each instance.
+        tower_runtime: "numpy" (the compiled tower, the default) or "tensorflow" (the SavedModel).
         ready_timeout_s: how long `serve` waits for the server to become ready.
     """
 
@@ -234,6 +235,7 @@ class ServeConfig:
     max_queue_delay_us: int = 500
     instance_count: int = 1
     threads: int = 1
+    tower_runtime: str = "numpy"
     ready_timeout_s: float = 180.0
 
     def __post_init__(self) -> None:
@@ -250,6 +252,7 @@ class ServeConfig:
         _check(self.max_queue_delay_us >= 0, "serve.max_queue_delay_us must be >= 0")
         _check(self.instance_count >= 1, "serve.instance_count must be >= 1")
         _check(self.threads >= 1, "serve.threads must be >= 1")
+        _check(self.tower_runtime in ("numpy", "tensorflow"), f"serve.tower_runtime must be numpy or tensorflow, got {self.tower_runtime!r}")
         _check(self.ready_timeout_s > 0, "serve.ready_timeout_s must be > 0")
 
 

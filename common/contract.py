@@ -13,9 +13,13 @@ MODEL_NAME = "retrieval"
 INPUT_USER_ID = "user_id"  # INT64 [batch, 1], raw user ids as in the interaction data
 INPUT_EXCLUDE = "exclude_item_ids"  # INT64 [batch, n], raw item ids to leave out, padded with -1
 EXCLUDE_PAD = -1
+# Optional inputs named after the user features (user_age, ...): INT64 [batch, 1] raw values that
+# replace the stored ones; FEATURE_NOT_GIVEN leaves a row's stored (or, for a new user, null) value.
+FEATURE_NOT_GIVEN = -1
 
 # Request parameter (Triton "parameters" map): how many items to return per user.
 PARAM_TOP_K = "top_k"
+PARAM_EXCLUDE_SEEN = "exclude_seen"  # bool: leave out what each user clicked in training
 
 # Response tensors.
 OUTPUT_ITEM_IDS = "item_ids"  # INT64 [batch, k], raw item ids, best first
@@ -40,6 +44,7 @@ DEFAULT_METRICS_PORT = 8002
 # Artifact file names inside the artifacts folder written by `train` and read by `ensemble`.
 ARTIFACT_WORKFLOW = "workflow"
 ARTIFACT_QUERY_TOWER = "query_tower"
+ARTIFACT_QUERY_TOWER_COMPILED = "query_tower.npz"
 ARTIFACT_ITEM_EMBEDDINGS = "item_embeddings.npy"
 ARTIFACT_ITEM_IDS = "item_ids.npy"
 ARTIFACT_USER_FEATURES = "user_features.parquet"

@@ -38,9 +38,10 @@ VENDORED_PACKAGES = ("common", "ensemble")
 BUILD_DIR = ".build"  # inside the model repository: intermediate files of the build
 
 
-def input_schema() -> Schema:
+def input_schema(user_features: tuple[str, ...]) -> Schema:
     """The graph's request columns (one row per user)."""
     return Schema([
+        *[ColumnSchema(name, dtype=np.int64) for name in user_features],
         ColumnSchema(contract.INPUT_USER_ID, dtype=np.int64),
         ColumnSchema(TOP_K, dtype=np.int32),
         ColumnSchema(contract.INPUT_EXCLUDE, dtype=np.int64, dims=(None, None)),
@@ -56,11 +57,13 @@ def build_ensemble(artifacts: Path, scratch: Path, cfg: PipelineConfig) -> Ensem
     user_wf_dir = scratch / "user_workflow"
     user_workflow(nvt.Workflow.load(str(artifacts / contract.ARTIFACT_WORKFLOW)), data).save(str(user_wf_dir))
 
-    lookup = [contract.INPUT_USER_ID] >> LookupUserFeatures(
+    lookup = [contract.INPUT_USER_ID, *data.user_features] >> LookupUserFeatures(
         artifacts / contract.ARTIFACT_USER_FEATURES, data.user_id, data.user_features
     )
     encoded = lookup >> TransformUserFeatures(user_wf_dir, passthrough=(contract.OUTPUT_UNKNOWN,))
-    query = encoded >> QueryTower(artifacts / contract.ARTIFACT_QUERY_TOWER)
+    query = encoded >> QueryTower(
+        artifacts / contract.ARTIFACT_QUERY_TOWER, artifacts / contract.ARTIFACT_QUERY_TOWER_COMPILED, cfg.serve.tower_runtime
+    )
     search_params = {"nprobe": cfg.index.nprobe} if cfg.index.kind == "ivf" else {}
     if cfg.index.kind == "hnsw":
         search_params = {"ef_search": cfg.index.ef_search}
@@ -71,7 +74,7 @@ def build_ensemble(artifacts: Path, scratch: Path, cfg: PipelineConfig) -> Ensem
         search_params,
     )
     outputs = results + encoded[[contract.OUTPUT_UNKNOWN]]
-    return Ensemble(outputs, input_schema())
+    return Ensemble(outputs, input_schema(data.user_features))
 
 
 def executor_config(cfg: PipelineConfig, name: str = contract.MODEL_NAME) -> model_config.ModelConfig:
@@ -89,12 +92,15 @@ def executor_config(cfg: PipelineConfig, name: str = contract.MODEL_NAME) -> mod
     config.input.append(model_config.ModelInput(
         name=contract.INPUT_EXCLUDE, data_type=dt("TYPE_INT64"), dims=[-1], optional=True, allow_ragged_batch=True,
     ))
+    for name in cfg.data.user_features:
+        config.input.append(model_config.ModelInput(name=name, data_type=dt("TYPE_INT64"), dims=[1], optional=True))
     config.output.append(model_config.ModelOutput(name=contract.OUTPUT_ITEM_IDS, data_type=dt("TYPE_INT64"), dims=[-1]))
     config.output.append(model_config.ModelOutput(name=contract.OUTPUT_SCORES, data_type=dt("TYPE_FP32"), dims=[-1]))
     config.output.append(model_config.ModelOutput(name=contract.OUTPUT_UNKNOWN, data_type=dt("TYPE_BOOL"), dims=[1]))
     for key, value in {
         "default_top_k": serve.default_top_k, "max_top_k": serve.max_top_k,
         "max_exclude": serve.max_exclude, "threads": serve.threads, "exclude_seen": "false",
+        "user_features": ",".join(cfg.data.user_features),
     }.items():
         config.parameters[key].string_value = str(value)
     return config

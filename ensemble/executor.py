@@ -34,6 +34,7 @@ class Limits:
         max_top_k: the largest top_k accepted (also capped by the catalogue size).
         max_exclude: the most excluded item ids per user.
         exclude_seen: default of the `exclude_seen` request parameter.
+        user_features: names of the optional raw user-feature inputs.
     """
 
     max_batch_size: int = 256
@@ -41,6 +42,7 @@ class Limits:
     max_top_k: int = 1000
     max_exclude: int = 1000
     exclude_seen: bool = False
+    user_features: tuple[str, ...] = ()
 
     @classmethod
     def from_parameters(cls, params: Mapping[str, str], max_batch_size: int) -> "Limits":
@@ -53,6 +55,7 @@ class Limits:
             max_top_k=get("max_top_k", int, cls.max_top_k),
             max_exclude=get("max_exclude", int, cls.max_exclude),
             exclude_seen=get("exclude_seen", lambda v: v.lower() == "true", cls.exclude_seen),
+            user_features=get("user_features", lambda v: tuple(n for n in v.split(",") if n), ()),
         )
 
 
@@ -65,12 +68,15 @@ class ParsedRequest:
         top_k: items per user.
         exclude: [b, n] int64 raw item ids, padded with -1 (n may be 0).
         exclude_seen: leave out the users' training positives.
+        features: raw user-feature values sent with the request, name -> [b] int64
+            (FEATURE_NOT_GIVEN where a row has none).
     """
 
     user_ids: np.ndarray
     top_k: int
     exclude: np.ndarray
     exclude_seen: bool
+    features: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def batch(self) -> int:
@@ -109,7 +115,7 @@ def parse_request(tensors: Mapping[str, np.ndarray | None], params: Mapping[str,
     Raises:
         RequestError: saying what was expected and what arrived.
     """
-    unknown = set(params) - {contract.PARAM_TOP_K, "exclude_seen"}
+    unknown = set(params) - {contract.PARAM_TOP_K, contract.PARAM_EXCLUDE_SEEN}
     if unknown:
         raise RequestError(f"unknown request parameters {sorted(unknown)}; expected {contract.PARAM_TOP_K!r}, 'exclude_seen'")
     users = tensors.get(contract.INPUT_USER_ID)
@@ -129,7 +135,7 @@ def parse_request(tensors: Mapping[str, np.ndarray | None], params: Mapping[str,
     cap = min(limits.max_top_k, n_items)
     if not 1 <= top_k <= cap:
         raise RequestError(f"parameter {contract.PARAM_TOP_K} must be in 1..{cap}, got {top_k}")
-    exclude_seen = _as_bool(params.get("exclude_seen", limits.exclude_seen), "exclude_seen")
+    exclude_seen = _as_bool(params.get(contract.PARAM_EXCLUDE_SEEN, limits.exclude_seen), contract.PARAM_EXCLUDE_SEEN)
 
     exclude = tensors.get(contract.INPUT_EXCLUDE)
     if exclude is None:
@@ -144,10 +150,25 @@ def parse_request(tensors: Mapping[str, np.ndarray | None], params: Mapping[str,
             )
         if exclude.shape[1] > limits.max_exclude:
             raise RequestError(f"input {contract.INPUT_EXCLUDE!r} has {exclude.shape[1]} ids per user, over the maximum of {limits.max_exclude}")
-    return ParsedRequest(users.reshape(-1).astype(np.int64, copy=False), top_k, exclude, exclude_seen)
+    features = {}
+    for name in limits.user_features:
+        values = tensors.get(name)
+        if values is None:
+            continue
+        if values.dtype != np.int64:
+            raise RequestError(f"input {name!r} must be INT64 raw feature ids, got {values.dtype}")
+        if values.shape != (batch, 1):
+            raise RequestError(f"input {name!r} must have shape [{batch}, 1], got {list(values.shape)}")
+        if (values < contract.FEATURE_NOT_GIVEN).any():
+            bad = int(values[values < contract.FEATURE_NOT_GIVEN][0])
+            raise RequestError(
+                f"input {name!r} holds {bad}; raw feature ids are >= 0, or {contract.FEATURE_NOT_GIVEN} for 'not given'"
+            )
+        features[name] = values.reshape(-1)
+    return ParsedRequest(users.reshape(-1).astype(np.int64, copy=False), top_k, exclude, exclude_seen, features)
 
 
-def merge(requests: list[ParsedRequest]) -> dict[str, np.ndarray]:
+def merge(requests: list[ParsedRequest], feature_names: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
     """Concatenates requests into one batch of graph inputs (exclusions padded to one width)."""
     width = max(r.exclude.shape[1] for r in requests)
     exclude = np.full((sum(r.batch for r in requests), width), contract.EXCLUDE_PAD, dtype=np.int64)
@@ -155,7 +176,12 @@ def merge(requests: list[ParsedRequest]) -> dict[str, np.ndarray]:
     for r in requests:
         exclude[row : row + r.batch, : r.exclude.shape[1]] = r.exclude
         row += r.batch
+    features = {
+        name: np.concatenate([r.features.get(name, np.full(r.batch, contract.FEATURE_NOT_GIVEN, np.int64)) for r in requests])
+        for name in feature_names
+    }
     return {
+        **features,
         contract.INPUT_USER_ID: np.concatenate([r.user_ids for r in requests]),
         TOP_K: np.concatenate([np.full(r.batch, r.top_k, dtype=np.int32) for r in requests]),
         contract.INPUT_EXCLUDE: exclude,
@@ -231,8 +257,8 @@ class RetrievalExecutor:
         """Runs the graph once at 1 and at the largest batch so the first request pays no tracing."""
         for batch in sorted({1, self.limits.max_batch_size}):
             users = np.arange(batch, dtype=np.int64).reshape(-1, 1)
-            self.runner.run(merge([ParsedRequest(users.ravel(), min(self.limits.default_top_k, self.n_items),
-                                                 np.zeros((batch, 0), np.int64), False)]))
+            request = ParsedRequest(users.ravel(), min(self.limits.default_top_k, self.n_items), np.zeros((batch, 0), np.int64), False)
+            self.runner.run(merge([request], self.limits.user_features))
         self.runner.timings_s.clear()
 
     def execute(self, requests: list[tuple[Mapping[str, np.ndarray | None], Mapping[str, Any]]]) -> list[dict[str, np.ndarray] | RequestError]:
@@ -247,7 +273,7 @@ class RetrievalExecutor:
                 answers[i] = e
                 self.stats["invalid"] += 1
         if good:
-            outputs = self.runner.run(merge(good))
+            outputs = self.runner.run(merge(good, self.limits.user_features))
             for i, answer in zip(where, split(outputs, good)):
                 answers[i] = answer
             self.stats["batches"] += 1
@@ -269,6 +295,22 @@ def parse_parameters(raw: str | None) -> dict[str, Any]:
     return params
 
 
+def limits_of_model(model_dir: str | Path) -> tuple[Limits, int]:
+    """(request limits, threads) from a model's config.pbtxt, as the server reads them."""
+    import tritonclient.grpc.model_config_pb2 as mc
+    from google.protobuf import text_format
+
+    config = text_format.Parse((Path(model_dir) / "config.pbtxt").read_text(), mc.ModelConfig())
+    params = {k: v.string_value for k, v in config.parameters.items()}
+    return Limits.from_parameters(params, config.max_batch_size or 1), int(params.get("threads", "1"))
+
+
+def load_model_in_process(repository: str | Path, name: str = contract.MODEL_NAME, version: int = 1) -> RetrievalExecutor:
+    """The served request path of a model repository, loaded in this process (no server)."""
+    limits, threads = limits_of_model(Path(repository) / name)
+    return load_executor(Path(repository) / name / str(version) / "ensemble", limits, threads)
+
+
 def load_executor(ensemble_dir: str | Path, limits: Limits, threads: int = 1) -> RetrievalExecutor:
     """Loads a saved ensemble and its artifacts into an executor (in the server or in-process)."""
     from merlin.systems.dag import Ensemble
@@ -278,8 +320,10 @@ def load_executor(ensemble_dir: str | Path, limits: Limits, threads: int = 1) ->
 
     configure_threads(threads)
     import faiss
+    from threadpoolctl import threadpool_limits
 
     faiss.omp_set_num_threads(threads)
+    threadpool_limits(threads)  # BLAS (the compiled tower's matmuls)
     ensemble = Ensemble.load(str(ensemble_dir))
     runner = GraphRunner(ensemble)
     n_items = 0

@@ -36,6 +36,7 @@ class TritonPythonModel:
         limits = Limits.from_parameters(params, int(config.get("max_batch_size", 0)) or 1)
         threads = int(params.get("threads", "1"))
         self.executor = load_executor(_HERE / "ensemble", limits, threads=threads)
+        self.optional_inputs = (*_OPTIONAL_INPUTS, *limits.user_features)
         pb_utils.Logger.log_info(
             f"retrieval model ready: {self.executor.n_items} items, limits {limits}, {threads} thread(s)"
         )
@@ -45,7 +46,7 @@ class TritonPythonModel:
         for i, request in enumerate(requests):
             try:
                 tensors = {contract.INPUT_USER_ID: _input(request, contract.INPUT_USER_ID)}
-                for name in _OPTIONAL_INPUTS:
+                for name in self.optional_inputs:
                     tensors[name] = _input(request, name)
                 parsed.append((tensors, parse_parameters(request.parameters())))
             except RequestError as e:

@@ -42,10 +42,6 @@ def repository(tmp_path_factory, trained):
 @pytest.fixture(scope="session")
 def executor(repository, trained):
     """The request path loaded in-process from the exported repository (no server)."""
-    from common import contract
-    from ensemble.executor import Limits, load_executor
+    from ensemble.executor import load_model_in_process
 
-    serve = trained["cfg"].serve
-    limits = Limits(max_batch_size=serve.max_batch_size, default_top_k=serve.default_top_k,
-                    max_top_k=serve.max_top_k, max_exclude=serve.max_exclude)
-    return load_executor(repository / contract.MODEL_NAME / "1" / "ensemble", limits)
+    return load_model_in_process(repository)

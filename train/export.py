@@ -31,6 +31,7 @@ from common.errors import ArtifactError
 from common.manifest import write_manifest
 from train import etl as etl_stage
 from train.fit import Tables, TrainResult, tower_inputs
+from train.compile_tower import compile_query_tower, save_compiled
 from train.evaluate import save_report
 from train.index import IndexReport, build_checked_index
 from train.model import encode_in_batches
@@ -79,6 +80,9 @@ def export_artifacts(
     data = cfg.data
     shutil.copytree(etl_dir / contract.ARTIFACT_WORKFLOW, out_dir / contract.ARTIFACT_WORKFLOW)
     result.model.query_encoder.save(str(out_dir / contract.ARTIFACT_QUERY_TOWER), include_optimizer=False)
+    probe = tower_inputs(tables.users.iloc[: min(len(tables.users), 512)])
+    compiled = compile_query_tower(result.model.query_encoder, probe)
+    save_compiled(compiled, out_dir / contract.ARTIFACT_QUERY_TOWER_COMPILED)
 
     item_emb = encode_in_batches(result.model.candidate_encoder, tower_inputs(tables.items))
     query_emb = encode_in_batches(result.model.query_encoder, tower_inputs(tables.users))
@@ -120,7 +124,7 @@ def export_artifacts(
             "user_id": data.user_id, "item_id": data.item_id,
             "user_features": list(data.user_features), "item_features": list(data.item_features),
         },
-        "tower": signature,
+        "tower": {**signature, "compiled_max_abs_error": float(compiled["max_abs_error"])},
         "index": index_report.__dict__,
         "training": {
             "history": result.history, "best_epoch": result.best_epoch,

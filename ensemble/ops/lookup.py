@@ -17,6 +17,9 @@ from ensemble.feature_store import FeatureStore, ParquetFeatureStore
 class LookupUserFeatures(BaseOperator):
     """Looks up each user's raw features; unknown users get MISSING values and a flag.
 
+    Inputs: the user id, and optionally the request's raw feature columns (same names as the
+    features): a value other than FEATURE_NOT_GIVEN replaces the stored one, which is how a new
+    user's features reach the tower.
     Output columns: the user id (unchanged), one int64 column per raw feature, and
     `unknown_user` (bool), true where the store has no row for the id.
 
@@ -51,6 +54,11 @@ class LookupUserFeatures(BaseOperator):
         """Replaces the embedded table with another store (a shared online store, say)."""
         self._store = store
 
+    def compute_input_schema(self, root_schema, parents_schema, deps_schema, selector) -> Schema:
+        available = root_schema + parents_schema + deps_schema
+        names = [self.id_column, *[n for n in self.feature_names if n in available.column_names]]
+        return available.select_by_name(names)
+
     def compute_output_schema(self, input_schema: Schema, col_selector: ColumnSelector, prev_output_schema=None) -> Schema:
         cols = [ColumnSchema(self.id_column, dtype=np.int64)]
         cols += [ColumnSchema(name, dtype=np.int64) for name in self.feature_names]
@@ -62,5 +70,9 @@ class LookupUserFeatures(BaseOperator):
             self.load_artifacts()
         ids = np.asarray(transformable[self.id_column].values, dtype=np.int64).reshape(-1)
         features, found = self._store.get(ids)
+        for name in self.feature_names:
+            if name in transformable.columns:
+                given = np.asarray(transformable[name].values, dtype=np.int64).reshape(-1)
+                features[name] = np.where(given != contract.FEATURE_NOT_GIVEN, given, features[name])
         out = {self.id_column: ids, **features, contract.OUTPUT_UNKNOWN: ~found}
         return type(transformable)(out)

@@ -24,6 +24,14 @@ from ensemble.ops.tower import QUERY_EMBEDDING
 LOG = logging.getLogger(__name__)
 
 PAD_SCORE = np.float32(np.finfo(np.float32).min)  # score of a padding slot (item id -1)
+# FAISS computes exact inner products with BLAS from 20 queries on and with its own SIMD loop
+# below; the two round differently, which reorders near-tied items when a user shares a batch.
+# One code path for every batch size keeps each user's answer independent of the batch.
+NO_BLAS_BELOW = 1 << 30
+# Exactly tied scores come back from FAISS in heap order, which depends on how deep it searched.
+# Results are ordered by (score, catalogue row) over a few extra candidates instead, so a tie at
+# the k-th place is settled the same way at any depth.
+TIE_MARGIN = 8
 TOP_K = "top_k"
 EXCLUDE_SEEN = "exclude_seen"
 
@@ -89,6 +97,7 @@ class SearchItems(BaseOperator):
         def where(path: str) -> Path:
             return Path(artifact_path) / Path(path).name if artifact_path else Path(path)
 
+        faiss.cvar.distance_compute_blas_threshold = NO_BLAS_BELOW
         index = faiss.read_index(str(where(self.index_path)))
         if "nprobe" in self.search_params:
             faiss.extract_index_ivf(index).nprobe = int(self.search_params["nprobe"])
@@ -171,7 +180,7 @@ class SearchItems(BaseOperator):
         excluded_keys = np.unique(owners * self.n_items + excluded)
         per_row = np.bincount(excluded_keys // self.n_items, minlength=batch)
         wanted = np.minimum(top_k, self.n_items - per_row)
-        depth = int(min(self.n_items, kmax + per_row.max())) if batch else 0
+        depth = int(min(self.n_items, kmax + per_row.max() + TIE_MARGIN)) if batch else 0
 
         scores, rows = self._raw_search(queries, depth, widen=1)
         keep = self._keep(rows, np.arange(batch), excluded_keys)
@@ -184,7 +193,7 @@ class SearchItems(BaseOperator):
             scores[short], rows[short] = s_scores, s_rows
             keep[short] = self._keep(s_rows, short, excluded_keys)
 
-        order = np.argsort(~keep, axis=1, kind="stable")[:, :kmax]
+        order = np.lexsort((rows, -scores, ~keep), axis=1)[:, :kmax]
         rows = np.take_along_axis(rows, order, axis=1)
         scores = np.take_along_axis(scores, order, axis=1)
         valid = np.take_along_axis(keep, order, axis=1) & (np.arange(kmax)[None, :] < top_k[:, None])

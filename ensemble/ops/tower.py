@@ -1,9 +1,14 @@
-"""Operator: the query tower (a TensorFlow SavedModel) run inside the executor's Python process.
+"""Operator: the query tower, run inside the executor's Python process.
 
 The PyPI tritonserver has no TensorFlow backend, merlin-systems' runtime swaps a stock
 `PredictTensorflow` for a `tensorflow_savedmodel` model on export, and the stock op drops its
 model when pickled. This subclass is a distinct type (so the runtime keeps it in-process),
 saves the SavedModel beside the ensemble and loads it back in `load_artifacts`.
+
+When the export also wrote the compiled tower (`train.compile_tower`), requests run on it
+(`NumpyTower`): the same arrays, checked against TensorFlow at export, in microseconds for one
+user, and with the same result for a row whatever else is in the batch. `runtime="tensorflow"` keeps
+the SavedModel's signature on the request path instead.
 """
 
 from __future__ import annotations
@@ -21,7 +26,51 @@ from merlin.table import TensorTable
 LOG = logging.getLogger(__name__)
 
 TOWER_DIR = "query_tower"
+COMPILED_FILE = "query_tower.npz"
 QUERY_EMBEDDING = "query_embedding"
+RUNTIMES = ("numpy", "tensorflow")
+
+
+def rowwise_matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """x @ w as one [1, k] @ [k, m] product per row (numpy loops over them in C).
+
+    BLAS picks kernels by shape and treats rows differently by their place in a tile, so a
+    plain [n, k] @ [k, m] gives a row other bits in other batches (seen here: 6e-8, enough to
+    swap near-tied items). One shape for every row makes each row's result its own.
+    """
+    return np.matmul(x[:, None, :], w)[:, 0, :]
+
+
+class NumpyTower:
+    """The compiled query tower: embedding lookups, concatenation, dense layers, L2 norm.
+
+    Args:
+        arrays: what `train.compile_tower.compile_query_tower` returns (or the loaded npz).
+    """
+
+    def __init__(self, arrays):
+        self.features = [str(f) for f in arrays["features"]]
+        self.tables = [np.ascontiguousarray(arrays[f"table_{f}"], np.float32) for f in self.features]
+        n_layers = len(arrays["activations"])
+        self.kernels = [np.ascontiguousarray(arrays[f"kernel_{i}"], np.float32) for i in range(n_layers)]
+        self.biases = [np.asarray(arrays[f"bias_{i}"], np.float32) for i in range(n_layers)]
+        self.activations = [str(a) for a in arrays["activations"]]
+        self.l2_norm = bool(arrays["l2_norm"])
+
+    @property
+    def dim(self) -> int:
+        return self.kernels[-1].shape[1]
+
+    def embed(self, features: dict[str, np.ndarray]) -> np.ndarray:
+        """[batch] encoded feature columns -> [batch, dim] float32."""
+        x = np.concatenate([t[np.asarray(features[f]).reshape(-1)] for f, t in zip(self.features, self.tables)], axis=1)
+        for w, b, activation in zip(self.kernels, self.biases, self.activations):
+            x = rowwise_matmul(x, w) + b
+            if activation == "relu":
+                np.maximum(x, 0.0, out=x)
+        if self.l2_norm:  # tf.math.l2_normalize: x * rsqrt(max(sum(x^2), 1e-12))
+            x = x / np.sqrt(np.maximum(np.sum(x * x, axis=1, keepdims=True), 1e-12))
+        return x.astype(np.float32, copy=False)
 
 
 def configure_threads(threads: int) -> None:
@@ -42,10 +91,19 @@ class QueryTower(PredictTensorflow):
 
     Args:
         saved_model_path: the exported query tower.
+        compiled_path: its compiled arrays (`query_tower.npz`), or None.
+        runtime: "numpy" (the compiled arrays; needs compiled_path) or "tensorflow".
     """
 
-    def __init__(self, saved_model_path: str | Path):
+    def __init__(self, saved_model_path: str | Path, compiled_path: str | Path | None = None, runtime: str = "numpy"):
+        if runtime not in RUNTIMES:
+            raise ValueError(f"tower runtime must be one of {RUNTIMES}, got {runtime!r}")
+        if runtime == "numpy" and compiled_path is None:
+            raise ValueError("the numpy tower runtime needs the compiled tower (query_tower.npz)")
         self.saved_model_path = str(saved_model_path)
+        self.compiled_path = None if compiled_path is None else str(compiled_path)
+        self.runtime = runtime
+        self._numpy = None
         super().__init__(self.saved_model_path)
         signature = self.model.signatures["serving_default"]
         self._output_key = next(iter(signature.structured_outputs))
@@ -54,16 +112,23 @@ class QueryTower(PredictTensorflow):
         self._signature = signature
 
     def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k not in ("model", "_signature")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("model", "_signature", "_numpy")}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self.model, self._signature = None, None
+        self.model, self._signature, self._numpy = None, None, None
 
     def save_artifacts(self, artifact_path: str) -> None:
         shutil.copytree(self.saved_model_path, Path(artifact_path) / TOWER_DIR, dirs_exist_ok=True)
+        if self.compiled_path:
+            shutil.copy2(self.compiled_path, Path(artifact_path) / COMPILED_FILE)
 
     def load_artifacts(self, artifact_path: str | None = None) -> None:
+        if self.runtime == "numpy":  # TensorFlow's model is not needed on the request path then
+            compiled = Path(artifact_path) / COMPILED_FILE if artifact_path else Path(self.compiled_path)
+            with np.load(compiled) as arrays:
+                self._numpy = NumpyTower({k: arrays[k] for k in arrays.files})
+            return
         import tensorflow as tf
 
         path = Path(artifact_path) / TOWER_DIR if artifact_path else Path(self.saved_model_path)
@@ -80,8 +145,10 @@ class QueryTower(PredictTensorflow):
         """[batch] encoded feature columns -> [batch, dim] float32 query embeddings."""
         import tensorflow as tf
 
-        if self._signature is None:
+        if self._signature is None and self._numpy is None:
             self.load_artifacts()
+        if self._numpy is not None:
+            return self._numpy.embed(features)
         inputs = {name: tf.convert_to_tensor(np.asarray(features[name]).reshape(-1).astype(np.int32, copy=False))
                   for name in self._input_names}
         return self._signature(**inputs)[self._output_key].numpy()

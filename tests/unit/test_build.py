@@ -27,14 +27,19 @@ def test_config_follows_the_contract(repository, tiny_cfg):
     assert config.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
     inputs = {i.name: i for i in config.input}
     outputs = {o.name: o for o in config.output}
-    assert set(inputs) == {contract.INPUT_USER_ID, contract.INPUT_EXCLUDE}
+    features = set(tiny_cfg.data.user_features)
+    assert set(inputs) == {contract.INPUT_USER_ID, contract.INPUT_EXCLUDE} | features
+    assert all(inputs[f].optional and mc.DataType.Name(inputs[f].data_type) == "TYPE_INT64" for f in features)
     assert set(outputs) == {contract.OUTPUT_ITEM_IDS, contract.OUTPUT_SCORES, contract.OUTPUT_UNKNOWN}
     for name, tensor in {**inputs, **outputs}.items():
+        if name in features:
+            continue
         assert mc.DataType.Name(tensor.data_type) == f"TYPE_{contract.DTYPES[name]}", name
     assert list(inputs[contract.INPUT_USER_ID].dims) == [1]
     assert inputs[contract.INPUT_EXCLUDE].optional and inputs[contract.INPUT_EXCLUDE].allow_ragged_batch
     params = {k: v.string_value for k, v in config.parameters.items()}
     assert params["default_top_k"] == str(tiny_cfg.serve.default_top_k) and params["max_top_k"] == str(tiny_cfg.serve.max_top_k)
+    assert params["user_features"].split(",") == list(tiny_cfg.data.user_features)
 
 
 def test_version_folder_is_self_contained(repository):

@@ -76,15 +76,10 @@ def test_merge_and_split_keep_each_request_apart():
     assert first[contract.OUTPUT_UNKNOWN].tolist() == [[False], [True]]
 
 
-def _graph_inputs(ids, k=5):
-    n = len(ids)
-    return {contract.INPUT_USER_ID: np.asarray(ids, np.int64), "top_k": np.full(n, k, np.int32),
-            contract.INPUT_EXCLUDE: np.full((n, 1), -1, np.int64), "exclude_seen": np.zeros(n, bool)}
-
-
 def test_graph_runner_equals_merlins_executor(executor, trained):
     user_ids = pd.read_parquet(trained["artifacts"] / contract.ARTIFACT_USER_FEATURES).user_id.to_numpy()[:6]
-    inputs = _graph_inputs(np.append(user_ids, 10**9))
+    request = parse_request({contract.INPUT_USER_ID: users(*user_ids, 10**9)}, {"top_k": 5}, executor.limits, executor.n_items)
+    inputs = merge([request], executor.limits.user_features)
     ours = executor.runner.run(inputs)
     ensemble: Ensemble = executor.runner.ensemble
     theirs = ensemble.transform(TensorTable(inputs))
@@ -110,3 +105,86 @@ def test_batched_answers_equal_one_user_answers(executor, trained):
         one = executor.execute([({contract.INPUT_USER_ID: users(user)}, {"top_k": 6})])[0]
         np.testing.assert_array_equal(one[contract.OUTPUT_ITEM_IDS][0], batch[contract.OUTPUT_ITEM_IDS][i])
         np.testing.assert_allclose(one[contract.OUTPUT_SCORES][0], batch[contract.OUTPUT_SCORES][i], atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        (np.array([[3]], np.int32), "must be INT64 raw feature ids, got int32"),
+        (np.array([[3, 4]], np.int64), r"must have shape \[1, 1\], got \[1, 2\]"),
+        (np.array([[-7]], np.int64), "holds -7; raw feature ids are >= 0, or -1 for 'not given'"),
+    ],
+)
+def test_bad_feature_values(value, message):
+    limits = Limits(user_features=("user_age",))
+    with pytest.raises(RequestError, match=message):
+        parse_request({contract.INPUT_USER_ID: users(1), "user_age": value}, {}, limits, n_items=10)
+
+
+def test_unknown_parameters_are_rejected():
+    with pytest.raises(RequestError, match=r"unknown request parameters \['topk'\]"):
+        parse_request({contract.INPUT_USER_ID: users(1)}, {"topk": 3}, LIMITS, n_items=10)
+
+
+@pytest.fixture(scope="module")
+def oracle(trained):
+    """An independent path: NVTabular's own transform, the Keras tower, numpy top-k."""
+    import nvtabular as nvt
+    import tensorflow as tf
+
+    from train.etl import user_workflow
+    from train.index import exact_top_k
+
+    art = trained["artifacts"]
+    workflow = user_workflow(nvt.Workflow.load(str(art / "workflow")), trained["cfg"].data)
+    tower = tf.keras.models.load_model(art / contract.ARTIFACT_QUERY_TOWER, compile=False)
+    items = np.load(art / contract.ARTIFACT_ITEM_EMBEDDINGS)
+    item_ids = np.load(art / contract.ARTIFACT_ITEM_IDS)
+
+    def top(frame: pd.DataFrame, k: int) -> np.ndarray:
+        encoded = workflow._transform_df(frame)
+        q = tower({c: tf.constant(encoded[c].to_numpy()) for c in encoded.columns}, training=False).numpy()
+        return item_ids[exact_top_k(q, items, k)]
+
+    return top
+
+
+def test_new_user_with_features_goes_through_the_workflow_and_tower(executor, trained, oracle):
+    stored = pd.read_parquet(trained["artifacts"] / contract.ARTIFACT_USER_FEATURES)
+    template = stored.iloc[[3]].reset_index(drop=True)
+    frame = template.assign(user_id=10**9)  # a new id, someone else's features
+    tensors = {contract.INPUT_USER_ID: users(10**9)}
+    tensors.update({f: frame[[f]].to_numpy(np.int64) for f in trained["cfg"].data.user_features})
+    answer = executor.execute([(tensors, {"top_k": 8})])[0]
+    assert answer[contract.OUTPUT_UNKNOWN].tolist() == [[True]]
+    np.testing.assert_array_equal(answer[contract.OUTPUT_ITEM_IDS], oracle(frame, 8))
+
+
+def test_new_user_without_features_gets_the_all_null_row(executor, trained):
+    data = trained["cfg"].data
+    answer = executor.execute([({contract.INPUT_USER_ID: users(10**9)}, {"top_k": 5})])[0]
+    # Stock Categorify cannot encode integer nulls on CPU, so the oracle feeds NVTabular's codes
+    # directly: 1 for a null feature, 2 (out of vocabulary) for an unseen id.
+    import tensorflow as tf
+
+    from train.index import exact_top_k
+
+    art = trained["artifacts"]
+    tower = tf.keras.models.load_model(art / contract.ARTIFACT_QUERY_TOWER, compile=False)
+    codes = {f: tf.constant([1], tf.int32) for f in data.user_features}
+    codes[data.user_id] = tf.constant([2], tf.int32)
+    q = tower(codes, training=False).numpy()
+    expected = np.load(art / contract.ARTIFACT_ITEM_IDS)[exact_top_k(q, np.load(art / contract.ARTIFACT_ITEM_EMBEDDINGS), 5)]
+    np.testing.assert_array_equal(answer[contract.OUTPUT_ITEM_IDS], expected)
+
+
+def test_sent_features_replace_stored_ones(executor, trained, oracle):
+    stored = pd.read_parquet(trained["artifacts"] / contract.ARTIFACT_USER_FEATURES)
+    user = stored.iloc[[0]].reset_index(drop=True)
+    plain = executor.execute([({contract.INPUT_USER_ID: users(user.user_id[0])}, {"top_k": 6})])[0]
+    same = executor.execute([({contract.INPUT_USER_ID: users(user.user_id[0]), "user_age": user[["user_age"]].to_numpy(np.int64)}, {"top_k": 6})])[0]
+    np.testing.assert_array_equal(plain[contract.OUTPUT_ITEM_IDS], same[contract.OUTPUT_ITEM_IDS])
+    other_age = int(stored.user_age[stored.user_age != user.user_age[0]].iloc[0])
+    changed = executor.execute([({contract.INPUT_USER_ID: users(user.user_id[0]), "user_age": np.array([[other_age]])}, {"top_k": 6})])[0]
+    np.testing.assert_array_equal(changed[contract.OUTPUT_ITEM_IDS], oracle(user.assign(user_age=other_age), 6))
+    assert changed[contract.OUTPUT_UNKNOWN].tolist() == [[False]]

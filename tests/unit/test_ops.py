@@ -167,7 +167,7 @@ def test_query_tower_survives_pickling_stock_predict_tensorflow_does_not(trained
     path = trained["artifacts"] / contract.ARTIFACT_QUERY_TOWER
     stock = cloudpickle.loads(cloudpickle.dumps(PredictTensorflow(str(path))))
     assert not hasattr(stock, "model")
-    ours = QueryTower(path)
+    ours = QueryTower(path, runtime="tensorflow")
     ours.save_artifacts(str(tmp_path))
     restored = cloudpickle.loads(cloudpickle.dumps(ours))
     restored.load_artifacts(str(tmp_path))
@@ -175,3 +175,61 @@ def test_query_tower_survives_pickling_stock_predict_tensorflow_does_not(trained
     feats = {c: users[c].to_numpy() for c in users.columns}
     np.testing.assert_allclose(restored.embed(feats), ours.embed(feats), atol=1e-6)
     assert restored.embed(feats).shape == (4, trained["cfg"].train.embedding_size)
+
+
+def test_compiled_tower_equals_tensorflow_and_is_the_default(trained):
+    import tensorflow as tf
+
+    from ensemble.ops.tower import NumpyTower
+
+    art = trained["artifacts"]
+    users = pd.read_parquet(trained["work"] / "etl" / "users_encoded.parquet")
+    feats = {c: users[c].to_numpy() for c in users.columns}
+    signature = tf.saved_model.load(str(art / contract.ARTIFACT_QUERY_TOWER)).signatures["serving_default"]
+    expected = next(iter(signature(**{k: tf.constant(v) for k, v in feats.items()}).values())).numpy()
+    with np.load(art / contract.ARTIFACT_QUERY_TOWER_COMPILED) as arrays:
+        compiled = NumpyTower({k: arrays[k] for k in arrays.files})
+    np.testing.assert_allclose(compiled.embed(feats), expected, atol=1e-5)
+    op = cloudpickle.loads(cloudpickle.dumps(QueryTower(art / contract.ARTIFACT_QUERY_TOWER, art / contract.ARTIFACT_QUERY_TOWER_COMPILED)))
+    op.load_artifacts()  # as the server does, from the pickled ensemble
+    assert op.model is None and op._numpy is not None  # TensorFlow stays off the request path
+    np.testing.assert_array_equal(op.embed(feats), compiled.embed(feats))
+    with pytest.raises(ValueError, match="needs the compiled tower"):
+        QueryTower(art / contract.ARTIFACT_QUERY_TOWER)
+
+
+def test_a_rows_embedding_does_not_depend_on_its_batch(trained):
+    """BLAS gives a row other bits at other tile positions; the compiled tower must not."""
+    from ensemble.ops.tower import NumpyTower
+
+    with np.load(trained["artifacts"] / contract.ARTIFACT_QUERY_TOWER_COMPILED) as arrays:
+        tower = NumpyTower({k: arrays[k] for k in arrays.files})
+    users = pd.read_parquet(trained["work"] / "etl" / "users_encoded.parquet")
+    feats = {c: users[c].to_numpy() for c in users.columns}
+    alone = tower.embed({c: v[:1] for c, v in feats.items()})[0]
+    for n in (2, 7, 16, 17, 64, 256):
+        for pos in sorted({0, 1, 7, 8, n // 2, n - 1} & set(range(n))):
+            batch = {c: np.roll(v[:n], pos) if n <= len(v) else v for c, v in feats.items()}
+            assert np.array_equal(tower.embed(batch)[pos], alone), (n, pos)
+
+
+def test_search_scores_do_not_depend_on_the_batch(catalogue):
+    op = _search_op(catalogue)
+    queries = np.random.default_rng(9).normal(size=(64, 8)).astype(np.float32)
+    one = op.search(queries[:1], np.array([10]))
+    for n in (2, 19, 20, 21, 64):  # FAISS switches to BLAS at 20 queries unless told not to
+        ids, scores = op.search(queries[:n], np.full(n, 10))
+        assert np.array_equal(scores[0], one[1][0]) and np.array_equal(ids[0], one[0][0]), n
+
+
+def test_exact_ties_are_broken_by_catalogue_row_at_any_depth(tmp_path):
+    vectors = np.ones((30, 4), np.float32)  # every item scores the same
+    faiss.write_index(build_index(vectors, IndexConfig(kind="flat")), str(tmp_path / "i.faiss"))
+    np.save(tmp_path / "ids.npy", np.arange(100, 130, dtype=np.int64))
+    np.savez(tmp_path / "s.npz", user_ids=np.array([1]), indptr=np.array([0, 0]), indices=np.zeros(0, np.int64))
+    op = SearchItems(tmp_path / "i.faiss", tmp_path / "ids.npy", tmp_path / "s.npz")
+    op.load_artifacts()
+    q = np.ones((2, 4), np.float32)
+    for k in (3, 5, 12):
+        ids, _ = op.search(q, np.array([k, 20]))  # the second row makes the search deeper
+        assert ids[0, :k].tolist() == list(range(100, 100 + k))

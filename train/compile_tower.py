@@ -1,0 +1,112 @@
+"""Compiles the trained query tower into plain arrays that numpy can run (`query_tower.npz`).
+
+The tower is embedding lookups, a concatenation, an MLP and an L2 norm. Served through
+TensorFlow it costs 0.35 ms per call before any work, and TensorFlow's kernels give a row
+slightly different floats depending on the batch it shares (oneDNN picks kernels by shape),
+so a user's ranking could flip between near-tied items depending on who else was batched with
+them. The compiled form runs in microseconds and, computing each row's matmuls on their own,
+gives every row the same bits whatever the batch. The SavedModel stays the exported model of record;
+compilation refuses any tower whose structure it does not recognise, and checks its outputs
+against TensorFlow's before it is written.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from common.errors import ArtifactError
+
+LOG = logging.getLogger(__name__)
+
+ACTIVATIONS = ("linear", "relu")
+TOLERANCE = 1e-5
+
+
+def _layers(block):
+    return getattr(block, "layers", None) or []
+
+
+def compile_query_tower(encoder: tf.keras.Model, probe: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Extracts the arrays of a merlin-models query `Encoder` (InputBlockV2 -> MLPBlock -> L2Norm).
+
+    Args:
+        encoder: the trained query encoder.
+        probe: feature name -> [n] encoded values, used to find the concatenation order and to
+            check the compiled tower against TensorFlow.
+
+    Returns:
+        arrays for `np.savez`: `features` (concatenation order), `table_<name>`, `kernel_<i>`,
+        `bias_<i>`, `activations`, `l2_norm`.
+
+    Raises:
+        ArtifactError: a structure other than the one above, or outputs that differ.
+    """
+    from merlin.models.tf.inputs.embedding import EmbeddingTable
+
+    input_block, *rest = encoder.blocks
+    tables = {}
+    stack = [input_block]
+    while stack:
+        layer = stack.pop()
+        if isinstance(layer, EmbeddingTable):
+            tables[layer.name] = layer.table.embeddings.numpy()
+        stack.extend(getattr(layer, "parallel_layers", {}).values() if isinstance(getattr(layer, "parallel_layers", None), dict) else _layers(layer))
+    if set(tables) != set(probe):
+        raise ArtifactError(f"query tower tables {sorted(tables)} do not match its inputs {sorted(probe)}")
+
+    inputs = {k: tf.constant(v) for k, v in probe.items()}
+    concat = input_block(encoder._prepare_features(inputs)).numpy()  # noqa: SLF001 - the encoder's own preprocessing
+    order, offset = [], 0
+    for _ in tables:
+        for name, table in tables.items():
+            width = table.shape[1]
+            if name not in order and np.allclose(concat[:, offset : offset + width], table[probe[name]], atol=1e-7):
+                order.append(name)
+                offset += width
+                break
+        else:
+            raise ArtifactError("cannot find the concatenation order of the query tower's embeddings")
+
+    kernels, biases, activations = [], [], []
+    l2_norm = False
+    for block in rest:
+        for layer in _layers(block) or [block]:
+            kind = type(layer).__name__
+            if kind == "_Dense":
+                dense = layer.dense
+                activation = getattr(dense.activation, "__name__", str(dense.activation))
+                if activation not in ACTIVATIONS:
+                    raise ArtifactError(f"query tower activation {activation!r} is not one of {ACTIVATIONS}")
+                kernels.append(dense.kernel.numpy())
+                biases.append(dense.bias.numpy() if dense.use_bias else np.zeros(dense.units, np.float32))
+                activations.append(activation)
+            elif kind == "L2Norm":
+                l2_norm = True
+            elif kind not in ("Dropout", "NoOp"):
+                raise ArtifactError(f"query tower layer {kind} cannot be compiled")
+    if getattr(encoder, "post", None) is not None and type(encoder.post).__name__ == "L2Norm":
+        l2_norm = True
+
+    arrays = {"features": np.array(order), "activations": np.array(activations), "l2_norm": np.array(l2_norm)}
+    arrays.update({f"table_{n}": tables[n].astype(np.float32) for n in order})
+    arrays.update({f"kernel_{i}": k.astype(np.float32) for i, k in enumerate(kernels)})
+    arrays.update({f"bias_{i}": b.astype(np.float32) for i, b in enumerate(biases)})
+
+    from ensemble.ops.tower import NumpyTower
+
+    expected = encoder(inputs, training=False).numpy()
+    got = NumpyTower(arrays).embed(probe)
+    error = float(np.abs(got - expected).max())
+    if error > TOLERANCE:
+        raise ArtifactError(f"compiled query tower differs from TensorFlow by {error:.2e} (> {TOLERANCE})")
+    LOG.info("query tower compiled: %d tables, %d dense layers, max |numpy - tensorflow| = %.1e", len(order), len(kernels), error)
+    arrays["max_abs_error"] = np.array(error)
+    return arrays
+
+
+def save_compiled(arrays: dict[str, np.ndarray], path: Path) -> None:
+    np.savez(path, **arrays)
