@@ -217,7 +217,9 @@ class ServeConfig:
         default_top_k: items returned per user when a request does not say.
         max_top_k: the largest top_k a request may ask for.
         max_exclude: the most excluded items a request may send per user.
-        max_queue_delay_us: how long the dynamic batcher waits to merge requests.
+        max_queue_delay_us: how long the dynamic batcher waits for more requests before it runs
+            a batch. 0 runs at once when idle; requests that queue while a batch runs are still
+            merged into the next one.
         instance_count: executor model instances (each a Python process).
         threads: intra-op threads of TensorFlow, BLAS and FAISS in each instance.
         tower_runtime: "numpy" (the compiled tower, the default) or "tensorflow" (the SavedModel).
@@ -232,7 +234,7 @@ class ServeConfig:
     default_top_k: int = 10
     max_top_k: int = 1000
     max_exclude: int = 1000
-    max_queue_delay_us: int = 500
+    max_queue_delay_us: int = 0
     instance_count: int = 1
     threads: int = 1
     tower_runtime: str = "numpy"

@@ -33,8 +33,9 @@ def main(argv=None) -> int:
         from common.manifest import read_manifest
         from ensemble.build import build_repository
 
-        # Settings given here apply on top of those the artifacts were trained with.
-        base = config_from_dict(read_manifest(args.artifacts)["config"])
+        # The artifacts' own data/train/index settings, today's serve settings; then the flags.
+        stored = read_manifest(args.artifacts)["config"]
+        base = config_from_dict({k: v for k, v in stored.items() if k != "serve"})
         build_repository(args.artifacts, args.repository, overwrite=args.overwrite, cfg=config_from_args(args, base=base))
         return 0
     flags = {"host": args.host, "http_port": args.http_port, "grpc_port": args.grpc_port, "metrics_port": args.metrics_port}

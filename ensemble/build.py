@@ -135,7 +135,8 @@ def build_repository(artifacts_dir: str | Path, repository: str | Path, overwrit
         artifacts_dir: output of `python -m train`.
         repository: the model repository folder to write.
         overwrite: replace an existing non-empty repository.
-        cfg: settings to serve with (default: those stored in the artifacts' manifest).
+        cfg: settings to serve with (default: the artifacts' data/train/index settings from their
+            manifest, with today's serve defaults: how to serve is a deployment choice).
         version: Triton model version folder to write.
 
     Returns:
@@ -143,7 +144,7 @@ def build_repository(artifacts_dir: str | Path, repository: str | Path, overwrit
     """
     artifacts, repo = Path(artifacts_dir), Path(repository)
     manifest = read_manifest(artifacts)
-    cfg = cfg or config_from_dict(manifest["config"])
+    cfg = cfg or config_from_dict({k: v for k, v in manifest["config"].items() if k != "serve"})
     if repo.exists() and any(repo.iterdir()):
         if not overwrite:
             raise ArtifactError(f"{repo} exists and is not empty; pass --overwrite to replace it")

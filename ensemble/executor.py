@@ -203,11 +203,16 @@ def split(outputs: Mapping[str, np.ndarray], requests: list[ParsedRequest]) -> l
     return responses
 
 
+# merlin's column plumbing: these nodes only select, group or concatenate columns.
+PLUMBING = {"SelectionOp", "ConcatColumns", "SubsetColumns", "GroupingOp"}
+
+
 class GraphRunner:
     """Runs an ensemble graph once per batch: each node once, parents first, numpy columns.
 
-    merlin's LocalExecutor re-runs a node for every path that reaches it and converts formats
-    between nodes; this runner computes each node's output once and hands plain arrays on.
+    merlin's LocalExecutor re-runs a node for every path that reaches it, builds a TensorTable
+    per node and converts formats between nodes; this runner computes each node's output once,
+    does the column plumbing itself and hands plain arrays to the operators' `run`.
     Column lookup follows merlin's rules: a node reads its inputs from its parents' outputs
     (later parents win on a name clash) and takes what they lack from the request.
     """
@@ -226,14 +231,18 @@ class GraphRunner:
                 available.update(produced.get(id(parent), {}))
             names = node.input_schema.column_names
             columns = {n: available[n] if n in available else inputs[n] for n in names}
-            if node.op is None:
-                produced[id(node)] = columns
+            label = type(node.op).__name__ if node.op is not None else None
+            if node.op is None or label in PLUMBING:
+                produced[id(node)] = {n: columns[n] for n in node.output_schema.column_names}
                 continue
             started = time.perf_counter()
-            result = node.op.transform(node.input_columns.resolve(node.input_schema), TensorTable(columns))
-            label = type(node.op).__name__
+            if hasattr(node.op, "run"):
+                result = node.op.run(columns)
+            else:
+                table = node.op.transform(node.input_columns.resolve(node.input_schema), TensorTable(columns))
+                result = {n: table[n].values for n in table.columns}
             self.timings_s[label] = self.timings_s.get(label, 0.0) + time.perf_counter() - started
-            produced[id(node)] = {n: result[n].values for n in node.output_schema.column_names}
+            produced[id(node)] = {n: result[n] for n in node.output_schema.column_names}
         last = produced[id(self.nodes[-1])]
         return {n: last[n] for n in self.output_names}
 

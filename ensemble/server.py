@@ -123,12 +123,14 @@ class TritonServer:
         cfg: host and ports.
         log_path: file to write the server log to.
         model_control: Triton's --model-control-mode (none or explicit).
+        model: the model the repository must hold.
     """
 
     repository: Path
     cfg: ServeConfig
     log_path: Path | None = None
     model_control: str = "none"
+    model: str = contract.MODEL_NAME
     process: subprocess.Popen | None = None
 
     def __post_init__(self):
@@ -149,8 +151,8 @@ class TritonServer:
         return f"http://{self.cfg.host}:{self.cfg.metrics_port}/metrics"
 
     def start(self) -> "TritonServer":
-        if not (self.repository / contract.MODEL_NAME / "config.pbtxt").is_file():
-            raise ServerError(f"{self.repository} holds no {contract.MODEL_NAME!r} model; run `make ensemble` first")
+        if not (self.repository / self.model / "config.pbtxt").is_file():
+            raise ServerError(f"{self.repository} holds no {self.model!r} model; run `make ensemble` first")
         for port in (self.cfg.http_port, self.cfg.grpc_port, self.cfg.metrics_port):
             if not port_is_free(self.cfg.host, port):
                 raise ServerError(f"port {self.cfg.host}:{port} is already in use; choose other ports")

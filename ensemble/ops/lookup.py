@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 from merlin.dag import BaseOperator, ColumnSelector
 from merlin.schema import ColumnSchema, Schema
-from merlin.table import TensorTable
 
 from common import contract
 from ensemble.feature_store import FeatureStore, ParquetFeatureStore
+from ensemble.ops import ArrayOperator
 
 
-class LookupUserFeatures(BaseOperator):
+class LookupUserFeatures(ArrayOperator, BaseOperator):
     """Looks up each user's raw features; unknown users get MISSING values and a flag.
 
     Inputs: the user id, and optionally the request's raw feature columns (same names as the
@@ -65,14 +65,13 @@ class LookupUserFeatures(BaseOperator):
         cols.append(ColumnSchema(contract.OUTPUT_UNKNOWN, dtype=np.bool_))
         return Schema(cols)
 
-    def transform(self, col_selector: ColumnSelector, transformable: TensorTable) -> TensorTable:
+    def run(self, columns: dict) -> dict:
         if self._store is None:
             self.load_artifacts()
-        ids = np.asarray(transformable[self.id_column].values, dtype=np.int64).reshape(-1)
+        ids = np.asarray(columns[self.id_column], dtype=np.int64).reshape(-1)
         features, found = self._store.get(ids)
         for name in self.feature_names:
-            if name in transformable.columns:
-                given = np.asarray(transformable[name].values, dtype=np.int64).reshape(-1)
+            if name in columns:
+                given = np.asarray(columns[name], dtype=np.int64).reshape(-1)
                 features[name] = np.where(given != contract.FEATURE_NOT_GIVEN, given, features[name])
-        out = {self.id_column: ids, **features, contract.OUTPUT_UNKNOWN: ~found}
-        return type(transformable)(out)
+        return {self.id_column: ids, **features, contract.OUTPUT_UNKNOWN: ~found}

@@ -16,9 +16,9 @@ import faiss
 import numpy as np
 from merlin.dag import BaseOperator, ColumnSelector
 from merlin.schema import ColumnSchema, Schema
-from merlin.table import TensorTable
 
 from common import contract
+from ensemble.ops import ArrayOperator
 from ensemble.ops.tower import QUERY_EMBEDDING
 
 LOG = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def use_gpu_index(index: faiss.Index) -> faiss.Index:
     return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
 
 
-class SearchItems(BaseOperator):
+class SearchItems(ArrayOperator, BaseOperator):
     """Top-k search with per-row k and per-row exclusions.
 
     Inputs: `query_embedding` [batch, dim] float32, `top_k` [batch] int32, `user_id` [batch]
@@ -220,10 +220,7 @@ class SearchItems(BaseOperator):
                 params = faiss.SearchParametersHNSW(efSearch=self._index.hnsw.efSearch * widen)
         return self._index.search(queries, depth, params=params)
 
-    def transform(self, col_selector: ColumnSelector, transformable: TensorTable) -> TensorTable:
-        def column(name):
-            return transformable[name].values if name in transformable.columns else None
-
-        ids, scores = self.search(column(QUERY_EMBEDDING), column(TOP_K), column(contract.INPUT_USER_ID),
-                                  column(contract.INPUT_EXCLUDE), column(EXCLUDE_SEEN))
-        return type(transformable)({contract.OUTPUT_ITEM_IDS: ids, contract.OUTPUT_SCORES: scores})
+    def run(self, columns: dict) -> dict:
+        ids, scores = self.search(columns[QUERY_EMBEDDING], columns[TOP_K], columns.get(contract.INPUT_USER_ID),
+                                  columns.get(contract.INPUT_EXCLUDE), columns.get(EXCLUDE_SEEN))
+        return {contract.OUTPUT_ITEM_IDS: ids, contract.OUTPUT_SCORES: scores}

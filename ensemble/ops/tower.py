@@ -21,7 +21,8 @@ import numpy as np
 from merlin.dag import ColumnSelector
 from merlin.schema import ColumnSchema, Schema
 from merlin.systems.dag.ops.tensorflow import PredictTensorflow
-from merlin.table import TensorTable
+
+from ensemble.ops import ArrayOperator
 
 LOG = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ def configure_threads(threads: int) -> None:
         LOG.debug("TensorFlow already initialized; thread settings unchanged")
 
 
-class QueryTower(PredictTensorflow):
+class QueryTower(ArrayOperator, PredictTensorflow):
     """Runs the query tower's serving signature on encoded user features.
 
     Output: `query_embedding` [batch, dim] float32.
@@ -153,6 +154,5 @@ class QueryTower(PredictTensorflow):
                   for name in self._input_names}
         return self._signature(**inputs)[self._output_key].numpy()
 
-    def transform(self, col_selector: ColumnSelector, transformable: TensorTable) -> TensorTable:
-        features = {name: transformable[name].values for name in self._input_names}
-        return type(transformable)({QUERY_EMBEDDING: self.embed(features)})
+    def run(self, columns: dict) -> dict:
+        return {QUERY_EMBEDDING: self.embed(columns)}

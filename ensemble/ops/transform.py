@@ -19,10 +19,9 @@ import numpy as np
 import pandas as pd
 from merlin.dag import BaseOperator, ColumnSelector, postorder_iter_nodes
 from merlin.schema import Schema
-from merlin.table import TensorTable
 from nvtabular.ops.categorify import NULL_OFFSET
 
-from ensemble.ops import MISSING
+from ensemble.ops import MISSING, ArrayOperator
 
 LOG = logging.getLogger(__name__)
 
@@ -92,7 +91,7 @@ def compile_categorify(op, column: str, dtype) -> CategoryTable:
     return CategoryTable(keys.astype(np.int64), encoded[:-1].astype(dtype), int(encoded[-1]), NULL_OFFSET, np.dtype(dtype))
 
 
-class TransformUserFeatures(BaseOperator):
+class TransformUserFeatures(ArrayOperator, BaseOperator):
     """Encodes raw user columns with the fitted workflow, in the executor's process.
 
     Args:
@@ -148,19 +147,19 @@ class TransformUserFeatures(BaseOperator):
     def compute_output_schema(self, input_schema: Schema, col_selector: ColumnSelector, prev_output_schema=None) -> Schema:
         return self._output_schema + input_schema.select_by_name(list(self.passthrough))
 
-    def transform(self, col_selector: ColumnSelector, transformable: TensorTable) -> TensorTable:
+    def run(self, columns: dict) -> dict:
         if self._workflow is None:
             self.load_artifacts()
         if self._tables is not None:
-            out = {col: table.encode(transformable[col].values) for col, table in self._tables.items()}
+            out = {col: table.encode(columns[col]) for col, table in self._tables.items()}
         else:
-            out = self._transform_pandas(transformable)
+            out = self._transform_pandas(columns)
         for col in self.passthrough:
-            out[col] = transformable[col].values
-        return type(transformable)(out)
+            out[col] = columns[col]
+        return out
 
-    def _transform_pandas(self, transformable: TensorTable) -> dict[str, np.ndarray]:
+    def _transform_pandas(self, columns: dict) -> dict[str, np.ndarray]:
         # MISSING stays as is here: an unseen value, encoded as out-of-vocabulary (see above).
-        frame = pd.DataFrame({col: np.asarray(transformable[col].values).reshape(-1) for col in self._input_schema.column_names})
+        frame = pd.DataFrame({col: np.asarray(columns[col]).reshape(-1) for col in self._input_schema.column_names})
         encoded = self._workflow._transform_df(frame)
         return {col: encoded[col].to_numpy() for col in self._output_schema.column_names}
