@@ -18,13 +18,15 @@ HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 PYTEST_ARGS ?=
+BENCH_ITEMS ?= 1000000
+BENCH_FLAGS ?=
 SOAK_DURATION_S ?= 600
 SOAK_CONCURRENCY ?= 16
 
 export PYTHONPATH := $(CURDIR)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help venv train ensemble serve client demo soak test test-unit test-integration clean
+.PHONY: help venv train ensemble serve client demo soak bench test test-unit test-integration clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-18s %s\n", $$1, $$2}'
@@ -60,6 +62,10 @@ soak: $(STAMP) ## bounded mixed good/bad load on a fresh server (SOAK_DURATION_S
 	$(PY) -m client.soak --repository $(REPOSITORY) --artifacts $(ARTIFACTS) --out $(BUILD)/soak \
 		--duration-s $(SOAK_DURATION_S) --concurrency $(SOAK_CONCURRENCY) \
 		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+
+bench: $(STAMP) ## serving benchmark at BENCH_ITEMS items: ours vs the Merlin reference vs Triton's floor -> $(BUILD)/bench
+	@test -f $(ARTIFACTS)/manifest.json || $(MAKE) --no-print-directory train
+	$(PY) -m bench --artifacts $(ARTIFACTS) --work $(WORK) --out $(BUILD)/bench --items $(BENCH_ITEMS) --tools .tools/perf_analyzer $(BENCH_FLAGS)
 
 test: $(STAMP) ## unit and integration tests (starts the real tritonserver on free ports)
 	$(PY) -m pytest tests $(PYTEST_ARGS)

@@ -64,14 +64,12 @@ def build_ensemble(artifacts: Path, scratch: Path, cfg: PipelineConfig) -> Ensem
     query = encoded >> QueryTower(
         artifacts / contract.ARTIFACT_QUERY_TOWER, artifacts / contract.ARTIFACT_QUERY_TOWER_COMPILED, cfg.serve.tower_runtime
     )
-    search_params = {"nprobe": cfg.index.nprobe} if cfg.index.kind == "ivf" else {}
-    if cfg.index.kind == "hnsw":
-        search_params = {"ef_search": cfg.index.ef_search}
+    manifest = read_manifest(artifacts)
     results = (query + [TOP_K, contract.INPUT_USER_ID, contract.INPUT_EXCLUDE, EXCLUDE_SEEN]) >> SearchItems(
         artifacts / contract.ARTIFACT_INDEX,
         artifacts / contract.ARTIFACT_ITEM_IDS,
         artifacts / contract.ARTIFACT_SEEN,
-        search_params,
+        manifest["index"]["search_params"],
     )
     outputs = results + encoded[[contract.OUTPUT_UNKNOWN]]
     return Ensemble(outputs, input_schema(data.user_features))

@@ -23,6 +23,7 @@ class IndexReport:
         kind: flat, ivf or hnsw.
         factory: the FAISS index_factory string.
         build_s: seconds to train and fill the index.
+        search_params: nprobe / ef_search the index is served with.
         bytes: size of the serialized index.
         recall_at_10: mean share of the exact top-10 that the index returns, over sample queries.
         n_items: vectors in the index.
@@ -32,6 +33,7 @@ class IndexReport:
     kind: str
     factory: str
     build_s: float
+    search_params: dict
     bytes: int
     recall_at_10: float
     n_items: int
@@ -40,9 +42,10 @@ class IndexReport:
 
 def factory_string(cfg: IndexConfig, n_items: int) -> str:
     """The index_factory description for the configured kind and catalogue size."""
-    if cfg.kind == "flat":
+    kind = cfg.resolved_kind(n_items)
+    if kind == "flat":
         return "Flat"
-    if cfg.kind == "ivf":
+    if kind == "ivf":
         return f"IVF{ivf_cells(cfg, n_items)},Flat"
     return f"HNSW{cfg.hnsw_m},Flat"
 
@@ -61,7 +64,7 @@ def build_index(vectors: np.ndarray, cfg: IndexConfig) -> faiss.Index:
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     n, dim = vectors.shape
     index = faiss.index_factory(dim, factory_string(cfg, n), faiss.METRIC_INNER_PRODUCT)
-    if cfg.kind == "hnsw":
+    if isinstance(index, faiss.IndexHNSW):
         index.hnsw.efConstruction = cfg.ef_construction
     if not index.is_trained:
         index.train(vectors)
@@ -70,11 +73,22 @@ def build_index(vectors: np.ndarray, cfg: IndexConfig) -> faiss.Index:
     return index
 
 
+def search_params(index: faiss.Index) -> dict:
+    """The index's search-time knobs, to set again after loading (FAISS does not keep efSearch)."""
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        return {"nprobe": int(ivf.nprobe)}
+    if isinstance(index, faiss.IndexHNSW):
+        return {"ef_search": int(index.hnsw.efSearch)}
+    return {}
+
+
 def configure_search(index: faiss.Index, cfg: IndexConfig) -> None:
-    """Sets the search-time knobs (nprobe, efSearch), which FAISS does not serialize for HNSW."""
-    if cfg.kind == "ivf":
-        faiss.extract_index_ivf(index).nprobe = cfg.nprobe
-    elif cfg.kind == "hnsw":
+    """Sets the configured nprobe / efSearch on a built index."""
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        ivf.nprobe = min(cfg.nprobe, ivf.nlist)
+    if isinstance(index, faiss.IndexHNSW):
         index.hnsw.efSearch = cfg.ef_search
 
 
@@ -113,8 +127,14 @@ def build_checked_index(vectors: np.ndarray, queries: np.ndarray, cfg: IndexConf
     build_s = time.perf_counter() - started
     sample = queries[: cfg.recall_sample]
     recall = recall_against_exact(index, sample, vectors, 10)
+    ivf = faiss.try_extract_index_ivf(index)
+    # kind="auto" widens the probe until the floor is met; an explicit setting is kept (and checked).
+    while cfg.kind == "auto" and ivf is not None and recall < cfg.min_recall_at_10 and ivf.nprobe < ivf.nlist:
+        ivf.nprobe = min(ivf.nlist, 2 * ivf.nprobe)
+        recall = recall_against_exact(index, sample, vectors, 10)
+        LOG.info("auto index: nprobe %d gives recall@10 %.4f", ivf.nprobe, recall)
     report = IndexReport(
-        kind=cfg.kind, factory=factory_string(cfg, len(vectors)), build_s=build_s,
+        kind=cfg.resolved_kind(len(vectors)), factory=factory_string(cfg, len(vectors)), build_s=build_s, search_params=search_params(index),
         bytes=int(faiss.serialize_index(index).size), recall_at_10=recall,
         n_items=int(index.ntotal), dim=int(vectors.shape[1]),
     )

@@ -1,0 +1,97 @@
+"""Runs each system on a real server (or in-process) and measures it the same way."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from client.perf import ensure_perf_analyzer, run_perf, write_input_data
+from client.soak import memory_mb
+from common import contract
+from common.config import ServeConfig
+
+LOG = logging.getLogger(__name__)
+
+
+def model_stats(http_url: str) -> dict[str, dict]:
+    """Triton's /v2/models/stats as milliseconds per inference: queue and compute stages."""
+    with urllib.request.urlopen(f"http://{http_url}/v2/models/stats", timeout=10) as r:
+        stats = json.load(r)["model_stats"]
+    out = {}
+    for model in stats:
+        inference = model["inference_stats"]
+        count = max(int(model["inference_count"]), 1)
+        out[model["name"]] = {
+            "inference_count": int(model["inference_count"]),
+            "execution_count": int(model["execution_count"]),
+            **{f"{stage}_ms": int(inference[stage]["ns"]) / count / 1e6 for stage in ("queue", "compute_input", "compute_infer", "compute_output")},
+        }
+    return out
+
+
+def sweep_server(name: str, repository: Path, model: str, input_rows: list[dict], shapes: dict, concurrencies, tools: Path,
+                 workdir: Path, measurement_ms: int, batch_size: int = 1) -> dict:
+    """Starts tritonserver on a repository, runs perf_analyzer at each concurrency, reads stats and RSS."""
+    from ensemble.server import TritonServer, free_port
+
+    binary, env = ensure_perf_analyzer(tools)
+    workdir.mkdir(parents=True, exist_ok=True)
+    inputs = write_input_data(workdir / f"{name}_input.json", input_rows, shapes)
+    ports = sorted({free_port() for _ in range(6)})[:3]
+    cfg = ServeConfig(http_port=ports[0], grpc_port=ports[1], metrics_port=ports[2], ready_timeout_s=600)
+    started = time.perf_counter()
+    with TritonServer(repository, cfg, log_path=workdir / f"{name}_server.log", model=model) as server:
+        ready_s = time.perf_counter() - started
+        memory_idle = memory_mb(server.process.pid)
+        sweep = []
+        for c in concurrencies:
+            result = run_perf(binary, env, model, server.grpc_url, c, inputs, measurement_ms=measurement_ms, batch_size=batch_size)
+            LOG.info("%-10s c=%-2d %8.1f infer/s  p50 %.2f ms  p99 %.2f ms", name, c, result.throughput, result.p50_ms, result.p99_ms)
+            sweep.append(result.as_dict())
+        memory = memory_mb(server.process.pid)
+        stats = model_stats(server.http_url)
+    return {"sweep": sweep, "memory_mb": memory, "memory_idle_mb": memory_idle, "ready_s": ready_s, "stats": stats}
+
+
+def our_inputs(artifacts: Path, n: int, seed: int) -> tuple[list[dict], dict]:
+    """perf_analyzer rows for our model: real user ids, one per request."""
+    users = pd.read_parquet(artifacts / contract.ARTIFACT_USER_FEATURES).sample(n, replace=True, random_state=seed)
+    return [{contract.INPUT_USER_ID: [int(u)]} for u in users.iloc[:, 0]], {contract.INPUT_USER_ID: [1]}
+
+
+def reference_inputs(artifacts: Path, n: int, seed: int) -> tuple[list[dict], dict]:
+    """perf_analyzer rows for the reference: the same users' raw features (it has no lookup)."""
+    users = pd.read_parquet(artifacts / contract.ARTIFACT_USER_FEATURES).sample(n, replace=True, random_state=seed)
+    rows = [{c: [int(v)] for c, v in row.items()} for row in users.to_dict("records")]
+    return rows, {c: [1] for c in users.columns}
+
+
+def in_process(repository: Path, artifacts: Path, n_requests: int, seed: int) -> dict:
+    """Our request path with no server: one user per request, sequential."""
+    from ensemble.executor import load_model_in_process
+
+    executor = load_model_in_process(repository)
+    users = pd.read_parquet(artifacts / contract.ARTIFACT_USER_FEATURES).iloc[:, 0].sample(n_requests, replace=True, random_state=seed)
+    requests = [[({contract.INPUT_USER_ID: np.array([[u]], np.int64)}, {})] for u in users]
+    for r in requests[:100]:
+        executor.execute(r)
+    executor.runner.timings_s.clear()
+    times = []
+    started = time.perf_counter()
+    for r in requests:
+        t = time.perf_counter()
+        executor.execute(r)
+        times.append(time.perf_counter() - t)
+    total = time.perf_counter() - started
+    ms = np.array(times) * 1000
+    return {
+        "throughput": n_requests / total, "p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "stage_ms": {k: v / n_requests * 1000 for k, v in executor.runner.timings_s.items()},
+    }
