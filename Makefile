@@ -26,7 +26,7 @@ SOAK_CONCURRENCY ?= 16
 export PYTHONPATH := $(CURDIR)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help venv train ensemble serve client demo soak bench test test-unit test-integration clean
+.PHONY: help venv train eval fetch-movielens ensemble serve client demo soak bench test test-unit test-integration clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-18s %s\n", $$1, $$2}'
@@ -42,6 +42,12 @@ venv: $(STAMP) ## create .venv from the pinned requirements (Python 3.11)
 
 train: $(STAMP) ## data -> ETL -> training -> evaluation -> export into $(ARTIFACTS)
 	$(PY) -m train run --work $(WORK) --out $(ARTIFACTS) --overwrite $(CONFIG_FLAG)
+
+eval: $(STAMP) ## full-catalogue evaluation of $(ARTIFACTS) against random, popular, ALS (and the oracle)
+	$(PY) -m train evaluate --work $(WORK) --artifacts $(ARTIFACTS)
+
+fetch-movielens: $(STAMP) ## MovieLens-100k as declared-dataset files in $(BUILD)/datasets/ml-100k (configs/movielens-100k.yaml)
+	$(PY) -m train fetch-movielens --out $(BUILD)/datasets/ml-100k
 
 ensemble: $(STAMP) ## build the Triton model repository $(REPOSITORY) from $(ARTIFACTS)
 	$(PY) -m ensemble build --artifacts $(ARTIFACTS) --repository $(REPOSITORY) --overwrite $(CONFIG_FLAG)

@@ -48,11 +48,20 @@ class DataConfig:
 
     Attributes:
         source: "synthetic" (our generator with known user/item tastes, the default),
-            "merlin" (merlin's `generate_data("aliccp-raw")`, which has no signal), or
-            "aliccp" (the real Tianchi Ali-CCP raw CSV files in `aliccp_dir`).
+            "merlin" (merlin's `generate_data("aliccp-raw")`, which has no signal),
+            "aliccp" (the real Tianchi Ali-CCP raw CSV files in `aliccp_dir`), or
+            "files" (any dataset declared by the fields below: `interactions`, optional
+            `users_table` / `items_table`, the column names, the label and `timestamp`).
         aliccp_dir: folder holding `train/sample_skeleton_train.csv` and
             `train/common_features_train.csv` (and the `test/` pair) from Tianchi.
         aliccp_max_rows: read at most this many skeleton rows per split (None: all).
+        interactions: source=files: interactions as a parquet or CSV file (or a folder of them),
+            one row per interaction with the user id, the item id, the label and optionally
+            the timestamp and any feature columns.
+        users_table: source=files: optional parquet/CSV with the user id and user features.
+        items_table: source=files: optional parquet/CSV with the item id and item features.
+        timestamp: optional timestamp column; when set, each user's latest interactions are
+            held out (a split by time), otherwise a random share of each user's.
         num_users: users generated (synthetic sources).
         num_items: items generated (synthetic sources).
         num_impressions: impression rows generated, clicked or not (synthetic sources).
@@ -69,11 +78,16 @@ class DataConfig:
         item_features: categorical item feature columns.
         label: interaction label column.
         positive_value: label value that marks a positive interaction.
+        positive_min: when set, a label >= positive_min marks a positive instead (ratings, say).
     """
 
     source: str = "synthetic"
     aliccp_dir: str | None = None
     aliccp_max_rows: int | None = None
+    interactions: str | None = None
+    users_table: str | None = None
+    items_table: str | None = None
+    timestamp: str | None = None
     num_users: int = 5_000
     num_items: int = 2_000
     num_impressions: int = 250_000
@@ -89,12 +103,15 @@ class DataConfig:
     item_features: tuple[str, ...] = ALICCP_ITEM_FEATURES
     label: str = "click"
     positive_value: int = 1
+    positive_min: float | None = None
 
     def __post_init__(self) -> None:
-        sources = ("synthetic", "merlin", "aliccp")
+        sources = ("synthetic", "merlin", "aliccp", "files")
         _check(self.source in sources, f"data.source must be one of {sources}, got {self.source!r}")
         if self.source == "aliccp":
             _check(bool(self.aliccp_dir), "data.source=aliccp needs data.aliccp_dir")
+        if self.source == "files":
+            _check(bool(self.interactions), "data.source=files needs data.interactions (a parquet or CSV path)")
         _check(self.num_users >= 2, f"data.num_users must be >= 2, got {self.num_users}")
         _check(self.num_items >= 2, f"data.num_items must be >= 2, got {self.num_items}")
         _check(self.num_impressions >= 10, "data.num_impressions must be >= 10")
@@ -103,9 +120,19 @@ class DataConfig:
         _check(self.personal_taste >= 0, "data.personal_taste must be >= 0")
         _check(self.affinity_scale > 0, "data.affinity_scale must be > 0")
         _check(0.0 < self.valid_fraction < 1.0, "data.valid_fraction must be in (0, 1)")
+        reserved = {contract.INPUT_USER_ID, contract.INPUT_EXCLUDE, contract.OUTPUT_ITEM_IDS, contract.OUTPUT_SCORES,
+                    contract.OUTPUT_UNKNOWN, contract.PARAM_TOP_K, contract.PARAM_EXCLUDE_SEEN, "query_embedding"}
+        clash = sorted(reserved & set(self.user_features))
+        _check(not clash, f"user features cannot use the serving contract's names {clash}; rename them in the data")
         columns = [self.user_id, self.item_id, *self.user_features, *self.item_features, self.label]
+        if self.timestamp:
+            columns.append(self.timestamp)
         duplicates = sorted({c for c in columns if columns.count(c) > 1})
         _check(not duplicates, f"data columns must be distinct, repeated: {duplicates}")
+
+    def is_positive(self, labels):
+        """Boolean mask of positive interactions for an array or Series of labels."""
+        return labels >= self.positive_min if self.positive_min is not None else labels == self.positive_value
 
     @property
     def user_columns(self) -> tuple[str, ...]:

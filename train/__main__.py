@@ -16,6 +16,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--out", required=True, type=Path, help="artifacts folder to write")
     run.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     add_config_args(run)
+    ev = sub.add_parser("evaluate", help="full-catalogue evaluation of exported artifacts against the baselines")
+    ev.add_argument("--work", required=True, type=Path, help="the training work folder (splits, ETL output)")
+    ev.add_argument("--artifacts", required=True, type=Path, help="artifacts folder to evaluate")
+    ev.add_argument("--out", type=Path, help="folder for metrics.json/.md/.png (default: the artifacts folder)")
+    ml = sub.add_parser("fetch-movielens", help="MovieLens-100k (from the recbole wheel on PyPI) as declared-dataset files")
+    ml.add_argument("--out", required=True, type=Path, help="folder for interactions.csv, users.csv, items.csv")
     data = sub.add_parser("data", help="only write the raw train/valid splits")
     data.add_argument("--out", required=True, type=Path, help="folder for train.parquet and valid.parquet")
     add_config_args(data)
@@ -24,6 +30,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.command == "evaluate":
+        from train.pipeline import evaluate_artifacts
+
+        evaluate_artifacts(args.work, args.artifacts, args.out)
+        return 0
+    if args.command == "fetch-movielens":
+        from train.movielens import fetch_movielens
+
+        fetch_movielens(args.out)
+        return 0
     cfg = config_from_args(args)
     if args.command == "data":
         from train.data import prepare_data

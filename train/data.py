@@ -253,6 +253,15 @@ def split_per_user(df: pd.DataFrame, cfg: DataConfig) -> tuple[pd.DataFrame, pd.
     return df[~valid].reset_index(drop=True), df[valid].reset_index(drop=True)
 
 
+def split_by_time(df: pd.DataFrame, cfg: DataConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Holds out each user's latest `valid_fraction` of interactions (ties broken by row order)."""
+    order = df.sort_values([cfg.user_id, cfg.timestamp], kind="stable")
+    position = order.groupby(cfg.user_id).cumcount().to_numpy()
+    size = order.groupby(cfg.user_id)[cfg.user_id].transform("size").to_numpy()
+    valid = (position >= np.ceil(size * (1.0 - cfg.valid_fraction))) & (size > 1)
+    return order[~valid].reset_index(drop=True), order[valid].reset_index(drop=True)
+
+
 def check_columns(df: pd.DataFrame, cfg: DataConfig, where: str) -> None:
     """Raises DataError unless every declared column is present."""
     wanted = [*cfg.user_columns, *cfg.item_columns, cfg.label]
@@ -278,6 +287,11 @@ def prepare_data(cfg: DataConfig, out_dir: str | Path) -> dict[str, Path]:
         from train.aliccp import convert_aliccp
 
         train_df, valid_df = convert_aliccp(cfg.aliccp_dir, cfg, out)
+    elif cfg.source == "files":
+        from train.declared import load_declared
+
+        df = load_declared(cfg, out)
+        train_df, valid_df = split_by_time(df, cfg) if cfg.timestamp else split_per_user(df, cfg)
     else:
         if cfg.source == "synthetic":
             df, truth = generate_synthetic(cfg)
@@ -289,5 +303,5 @@ def prepare_data(cfg: DataConfig, out_dir: str | Path) -> dict[str, Path]:
     for name, frame in (("train", train_df), ("valid", valid_df)):
         check_columns(frame, cfg, name)
         frame.to_parquet(paths[name], index=False)
-        LOG.info("wrote %s: %d rows, %d positives", paths[name], len(frame), int((frame[cfg.label] == cfg.positive_value).sum()))
+        LOG.info("wrote %s: %d rows, %d positives", paths[name], len(frame), int(cfg.is_positive(frame[cfg.label]).sum()))
     return paths

@@ -85,9 +85,9 @@ def feature_workflow(cfg: DataConfig, stats_dir: Path) -> nvt.Workflow:
 
 
 def positives_workflow(cfg: DataConfig, schema) -> nvt.Workflow:
-    """A stateless workflow that keeps the rows whose label is the positive value."""
-    label, positive = cfg.label, cfg.positive_value
-    keep = schema.column_names >> ops.Filter(f=lambda df: df[label] == positive)
+    """A stateless workflow that keeps the positive rows (label == positive_value, or >= positive_min)."""
+    label = cfg.label
+    keep = schema.column_names >> ops.Filter(f=lambda df: cfg.is_positive(df[label]))
     return nvt.Workflow(keep)
 
 

@@ -110,6 +110,9 @@ def export_artifacts(
     faiss.write_index(index, str(out_dir / contract.ARTIFACT_INDEX))
 
     save_report(report, out_dir)
+    vocabularies = etl_dir.parent / "data" / "vocabularies.json"
+    if vocabularies.is_file():  # text features of a declared dataset: the codes clients must send
+        shutil.copy2(vocabularies, out_dir / "vocabularies.json")
     signature = tower_signature(out_dir / contract.ARTIFACT_QUERY_TOWER)
     body = {
         "config": cfg.to_dict(),

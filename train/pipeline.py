@@ -45,12 +45,16 @@ def oracle_scorer(truth: Truth, etl_dir: Path, cfg: PipelineConfig) -> Scorer:
     return lambda rows: truth.positive_log_prob(user_rows[rows])[:, item_rows]
 
 
-def evaluate_all(cfg: PipelineConfig, work_dir: Path, tables: Tables, model) -> dict:
-    """Full-catalogue metrics of the model and every baseline on the reported (non-tuning) users."""
+def evaluate_all(cfg: PipelineConfig, work_dir: Path, tables: Tables, queries: np.ndarray, items: np.ndarray) -> dict:
+    """Full-catalogue metrics of the model and every baseline on the reported (non-tuning) users.
+
+    Args:
+        queries: [n_users, d] the model's query embedding per users-table row.
+        items: [n_items, d] its item embedding per catalogue row.
+    """
     data = tables.eval_set()
     tune, report_users = split_tune_eval(data, cfg.train.seed)
     counts = interactions_matrix(*tables.train_pairs, len(tables.users), len(tables.items))
-    queries, items = embeddings(model, tables)
     als, als_params = tuned_als_scorer(counts, tune, cfg.train.seed, cfg.train.eval_ks[0])
     scorers = {
         "two_tower": embedding_scorer(queries, items),
@@ -64,6 +68,39 @@ def evaluate_all(cfg: PipelineConfig, work_dir: Path, tables: Tables, model) -> 
     report = evaluate_methods(scorers, report_users, tuple(cfg.train.eval_ks))
     report["als_params"] = als_params
     report["tuning_users"] = tune.n_users
+    return report
+
+
+def log_report(report: dict, cfg: PipelineConfig) -> None:
+    LOG.info("full-catalogue evaluation on %d users, %d items:\n%s", report["n_users"], report["n_items"], format_table(report))
+    for line in verdicts(report, cfg.train.eval_ks[0]):
+        LOG.info(line)
+
+
+def evaluate_artifacts(work_dir: str | Path, artifacts_dir: str | Path, out_dir: str | Path | None = None) -> dict:
+    """`make eval`: the full-catalogue table of what an artifacts folder serves, and the baselines.
+
+    Query embeddings come from the exported (compiled) tower and item embeddings from the
+    exported file: the numbers describe the served model, not a copy still in memory.
+    """
+    from common import contract
+    from common.config import config_from_dict
+    from common.manifest import read_manifest
+    from ensemble.ops.tower import NumpyTower
+    from train.evaluate import save_report
+    from train.fit import tower_inputs
+
+    work, artifacts = Path(work_dir), Path(artifacts_dir)
+    manifest = read_manifest(artifacts)
+    cfg = config_from_dict(manifest["config"])
+    tables = load_tables(work / ETL_DIR, cfg.data)
+    with np.load(artifacts / contract.ARTIFACT_QUERY_TOWER_COMPILED) as arrays:
+        tower = NumpyTower({k: arrays[k] for k in arrays.files})
+    queries = tower.embed(tower_inputs(tables.users))
+    items = np.load(artifacts / contract.ARTIFACT_ITEM_EMBEDDINGS)[: len(tables.items)]
+    report = evaluate_all(cfg, work, tables, queries, items)
+    log_report(report, cfg)
+    save_report(report, Path(out_dir) if out_dir else artifacts)
     return report
 
 
@@ -83,10 +120,8 @@ def run_training(cfg: PipelineConfig, work_dir: str | Path, out_dir: str | Path,
     etl = etl_stage.run_etl(cfg.data, paths["train"], paths["valid"], work / ETL_DIR)
     tables = load_tables(work / ETL_DIR, cfg.data)
     result = train_two_tower(cfg.train, cfg.data, work / ETL_DIR, tables)
-    report = evaluate_all(cfg, work, tables, result.model)
-    LOG.info("full-catalogue evaluation on %d users, %d items:\n%s", report["n_users"], report["n_items"], format_table(report))
-    for line in verdicts(report, cfg.train.eval_ks[0]):
-        LOG.info(line)
+    report = evaluate_all(cfg, work, tables, *embeddings(result.model, tables))
+    log_report(report, cfg)
     manifest, _ = export_artifacts(cfg, work / ETL_DIR, tables, result, report, out, etl.rows_per_s)
     LOG.info("training job finished in %.1f s", time.perf_counter() - started)
     return TrainingRun(out, manifest, report, result.model)

@@ -17,11 +17,12 @@ from ensemble.ops import ArrayOperator
 class LookupUserFeatures(ArrayOperator, BaseOperator):
     """Looks up each user's raw features; unknown users get MISSING values and a flag.
 
-    Inputs: the user id, and optionally the request's raw feature columns (same names as the
+    Inputs: the request's `user_id`, and optionally its raw feature columns (same names as the
     features): a value other than FEATURE_NOT_GIVEN replaces the stored one, which is how a new
     user's features reach the tower.
-    Output columns: the user id (unchanged), one int64 column per raw feature, and
-    `unknown_user` (bool), true where the store has no row for the id.
+    Output columns: the user id under the dataset's id column name (what the workflow reads),
+    one int64 column per raw feature, and `unknown_user` (bool), true where the store has no
+    row for the id.
 
     Args:
         table_path: parquet file with one row per user (saved beside the ensemble on export).
@@ -56,7 +57,7 @@ class LookupUserFeatures(ArrayOperator, BaseOperator):
 
     def compute_input_schema(self, root_schema, parents_schema, deps_schema, selector) -> Schema:
         available = root_schema + parents_schema + deps_schema
-        names = [self.id_column, *[n for n in self.feature_names if n in available.column_names]]
+        names = [contract.INPUT_USER_ID, *[n for n in self.feature_names if n in available.column_names]]
         return available.select_by_name(names)
 
     def compute_output_schema(self, input_schema: Schema, col_selector: ColumnSelector, prev_output_schema=None) -> Schema:
@@ -68,7 +69,7 @@ class LookupUserFeatures(ArrayOperator, BaseOperator):
     def run(self, columns: dict) -> dict:
         if self._store is None:
             self.load_artifacts()
-        ids = np.asarray(columns[self.id_column], dtype=np.int64).reshape(-1)
+        ids = np.asarray(columns[contract.INPUT_USER_ID], dtype=np.int64).reshape(-1)
         features, found = self._store.get(ids)
         for name in self.feature_names:
             if name in columns:
