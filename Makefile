@@ -18,6 +18,7 @@ HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 PYTEST_ARGS ?=
+MODEL_CONTROL ?= none
 BENCH_ITEMS ?= 1000000
 BENCH_FLAGS ?=
 SOAK_DURATION_S ?= 600
@@ -26,7 +27,7 @@ SOAK_CONCURRENCY ?= 16
 export PYTHONPATH := $(CURDIR)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help venv train eval fetch-movielens ensemble serve client demo soak bench test test-unit test-integration clean
+.PHONY: help venv train eval fetch-movielens ensemble serve deploy rollback client demo soak bench test test-unit test-integration clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-18s %s\n", $$1, $$2}'
@@ -53,8 +54,14 @@ ensemble: $(STAMP) ## build the Triton model repository $(REPOSITORY) from $(ART
 	$(PY) -m ensemble build --artifacts $(ARTIFACTS) --repository $(REPOSITORY) --overwrite $(CONFIG_FLAG)
 
 serve: $(STAMP) ## run tritonserver on $(REPOSITORY) in the foreground (Ctrl-C stops it)
-	$(PY) -m ensemble serve --repository $(REPOSITORY) --host $(HOST) \
+	$(PY) -m ensemble serve --repository $(REPOSITORY) --host $(HOST) --model-control $(MODEL_CONTROL) \
 		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) $(CONFIG_FLAG)
+
+deploy: $(STAMP) ## add $(ARTIFACTS) as the next version of $(REPOSITORY) and switch a running server (MODEL_CONTROL=explicit) to it
+	$(PY) -m ensemble deploy --repository $(REPOSITORY) --artifacts $(ARTIFACTS) --url $(HOST):$(GRPC_PORT)
+
+rollback: $(STAMP) ## switch the running server back to the previous version
+	$(PY) -m ensemble rollback --repository $(REPOSITORY) --url $(HOST):$(GRPC_PORT)
 
 client: $(STAMP) ## ask a running server for a few users (USERS="11 42 7")
 	$(PY) -m client --url $(HOST):$(GRPC_PORT) --user-id $(or $(USERS),11 42 7) --top-k 10 --json

@@ -29,12 +29,14 @@ class Recommendations:
         item_ids: [batch, k] int64 raw item ids, best first (-1 pads when the catalogue runs out).
         scores: [batch, k] float32, non-increasing along k.
         unknown_user: [batch] bool, true for ids the model never saw in training.
+        model_version: the model version that answered.
     """
 
     user_ids: np.ndarray
     item_ids: np.ndarray
     scores: np.ndarray
     unknown_user: np.ndarray
+    model_version: str = ""
 
     def as_dicts(self) -> list[dict]:
         return [
@@ -180,11 +182,14 @@ class RetrievalClient:
         if self.protocol == "grpc":
             kwargs["client_timeout"] = self.timeout_s
         result = self._call("inference", self._client.infer, self.model, inputs, **kwargs)
+        response = result.get_response()
+        version = response.model_version if self.protocol == "grpc" else response.get("model_version", "")
         return Recommendations(
             user_ids=users.reshape(-1),
             item_ids=result.as_numpy(contract.OUTPUT_ITEM_IDS),
             scores=result.as_numpy(contract.OUTPUT_SCORES),
             unknown_user=result.as_numpy(contract.OUTPUT_UNKNOWN).reshape(-1),
+            model_version=str(version),
         )
 
     def _input(self, name: str, array: np.ndarray, dtype: str | None = None):

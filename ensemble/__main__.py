@@ -22,7 +22,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     serve.add_argument("--http-port", type=int)
     serve.add_argument("--grpc-port", type=int)
     serve.add_argument("--metrics-port", type=int)
+    serve.add_argument("--model-control", choices=("none", "explicit"), default="none",
+                       help="explicit turns on Triton's load/unload API (for `deploy`); off by default")
     add_config_args(serve)
+    for name, text in (("deploy", "add the artifacts as the next version and switch the running server to it"),
+                       ("rollback", "switch the running server back to the previous version"),
+                       ("activate", "switch the running server to a given version")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--repository", required=True, type=Path)
+        p.add_argument("--url", default="127.0.0.1:8001", help="the server's gRPC address (it must run with --model-control explicit)")
+        if name == "deploy":
+            p.add_argument("--artifacts", required=True, type=Path)
+        if name == "activate":
+            p.add_argument("--version", required=True, type=int)
     return parser.parse_args(argv)
 
 
@@ -38,11 +50,23 @@ def main(argv=None) -> int:
         base = config_from_dict({k: v for k, v in stored.items() if k != "serve"})
         build_repository(args.artifacts, args.repository, overwrite=args.overwrite, cfg=config_from_args(args, base=base))
         return 0
+    if args.command in ("deploy", "rollback", "activate"):
+        from ensemble import deploy
+
+        if args.command == "deploy":
+            version = deploy.deploy(args.repository, args.artifacts, args.url)
+        elif args.command == "rollback":
+            version = deploy.rollback(args.repository, args.url)
+        else:
+            deploy.activate(args.repository, args.version, args.url)
+            version = args.version
+        print(f"serving version {version} of {args.repository}")
+        return 0
     flags = {"host": args.host, "http_port": args.http_port, "grpc_port": args.grpc_port, "metrics_port": args.metrics_port}
     cfg = config_from_args(args, [f"serve.{k}={v}" for k, v in flags.items() if v is not None])
     from ensemble.server import serve_forever
 
-    return serve_forever(args.repository, cfg.serve)
+    return serve_forever(args.repository, cfg.serve, args.model_control)
 
 
 if __name__ == "__main__":

@@ -110,13 +110,23 @@ class RetrievalRuntime(TritonExecutorRuntime):
     def __init__(self, cfg: PipelineConfig):
         super().__init__()
         self.cfg = cfg
+        self._version = 1
 
-    def _executor_model_export(self, path, export_name, ensemble, params=None, node_id=None, version=1):
+    def export(self, ensemble, path: str, version: int = 1, name: str = None):
+        # merlin's export saves artifacts under <version>/ but calls _executor_model_export
+        # without the version (so version 1 always); remember it here.
+        self._version = version
+        return super().export(ensemble, path, version=version, name=name)
+
+    def _executor_model_export(self, path, export_name, ensemble, params=None, node_id=None, version=None):
+        version = self._version if version is None else version
         model_dir = Path(path) / export_name
         version_dir = model_dir / str(version)
         version_dir.mkdir(parents=True, exist_ok=True)
         config = executor_config(self.cfg, export_name)
+        config.version_policy.specific.versions.append(version)  # the version to serve; see ensemble.deploy
         (model_dir / "config.pbtxt").write_text(text_format.MessageToString(config))
+        (model_dir / f"config.v{version}.pbtxt").write_text(text_format.MessageToString(config))
         shutil.copyfile(Path(__file__).with_name("triton_model.py"), version_dir / "model.py")
         for package in VENDORED_PACKAGES:
             shutil.copytree(REPO_ROOT / package, version_dir / "code" / package,

@@ -221,10 +221,12 @@ class GraphRunner:
         self.ensemble = ensemble
         self.nodes = list(postorder_iter_nodes(ensemble.graph.output_node, flatten_subgraphs=True))
         self.output_names = ensemble.graph.output_schema.column_names
-        self.timings_s: dict[str, float] = {}
+        self.timings_s: dict[str, float] = {}  # cumulative seconds per operator
+        self.last_run_s: dict[str, float] = {}  # seconds per operator in the latest run
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         produced: dict[int, dict[str, np.ndarray]] = {}
+        self.last_run_s = {}
         for node in self.nodes:
             available: dict[str, np.ndarray] = {}
             for parent in node.parents_with_dependencies:
@@ -241,10 +243,37 @@ class GraphRunner:
             else:
                 table = node.op.transform(node.input_columns.resolve(node.input_schema), TensorTable(columns))
                 result = {n: table[n].values for n in table.columns}
-            self.timings_s[label] = self.timings_s.get(label, 0.0) + time.perf_counter() - started
+            elapsed = time.perf_counter() - started
+            self.timings_s[label] = self.timings_s.get(label, 0.0) + elapsed
+            self.last_run_s[label] = self.last_run_s.get(label, 0.0) + elapsed
             produced[id(node)] = {n: result[n] for n in node.output_schema.column_names}
         last = produced[id(self.nodes[-1])]
         return {n: last[n] for n in self.output_names}
+
+
+@dataclass
+class BatchReport:
+    """What one execute() call did (the Triton model turns it into metrics).
+
+    Attributes:
+        ok: requests answered.
+        invalid: requests refused with a RequestError.
+        users: users answered.
+        unknown_users: of those, ids not in training.
+        excluded_items: item ids sent for exclusion (padding not counted).
+        exclude_seen_users: users whose training clicks were left out.
+        parse_s: validation and merging.
+        stages_s: operator label -> seconds in the graph.
+    """
+
+    ok: int = 0
+    invalid: int = 0
+    users: int = 0
+    unknown_users: int = 0
+    excluded_items: int = 0
+    exclude_seen_users: int = 0
+    parse_s: float = 0.0
+    stages_s: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -261,6 +290,7 @@ class RetrievalExecutor:
     limits: Limits
     n_items: int
     stats: dict = field(default_factory=lambda: {"requests": 0, "users": 0, "invalid": 0, "batches": 0})
+    last: BatchReport = field(default_factory=BatchReport)
 
     def warm_up(self) -> None:
         """Runs the graph once at 1 and at the largest batch so the first request pays no tracing."""
@@ -272,6 +302,7 @@ class RetrievalExecutor:
 
     def execute(self, requests: list[tuple[Mapping[str, np.ndarray | None], Mapping[str, Any]]]) -> list[dict[str, np.ndarray] | RequestError]:
         """Answers each (tensors, params) request with its outputs or its own RequestError."""
+        started = time.perf_counter()
         answers: list[dict[str, np.ndarray] | RequestError | None] = [None] * len(requests)
         good, where = [], []
         for i, (tensors, params) in enumerate(requests):
@@ -280,14 +311,23 @@ class RetrievalExecutor:
                 where.append(i)
             except RequestError as e:
                 answers[i] = e
-                self.stats["invalid"] += 1
+        report = BatchReport(ok=len(good), invalid=len(requests) - len(good))
         if good:
-            outputs = self.runner.run(merge(good, self.limits.user_features))
+            merged = merge(good, self.limits.user_features)
+            report.parse_s = time.perf_counter() - started
+            outputs = self.runner.run(merged)
             for i, answer in zip(where, split(outputs, good)):
                 answers[i] = answer
+            report.users = len(merged[contract.INPUT_USER_ID])
+            report.unknown_users = int(np.count_nonzero(outputs[contract.OUTPUT_UNKNOWN]))
+            report.excluded_items = int(np.count_nonzero(merged[contract.INPUT_EXCLUDE] != contract.EXCLUDE_PAD))
+            report.exclude_seen_users = int(np.count_nonzero(merged[EXCLUDE_SEEN]))
+            report.stages_s = dict(self.runner.last_run_s)
             self.stats["batches"] += 1
-            self.stats["users"] += sum(r.batch for r in good)
         self.stats["requests"] += len(requests)
+        self.stats["invalid"] += report.invalid
+        self.stats["users"] += report.users
+        self.last = report
         return answers  # type: ignore[return-value]
 
 

@@ -93,8 +93,13 @@ def free_port(host: str = contract.DEFAULT_HOST) -> int:
         return s.getsockname()[1]
 
 
-def server_command(binary: Path, repository: Path, backends: Path, cfg: ServeConfig, model_control: str = "none") -> list[str]:
-    """The tritonserver command line; `make serve`, the tests and docker-compose share these flags."""
+def server_command(binary: Path, repository: Path, backends: Path, cfg: ServeConfig, model_control: str = "none",
+                   model: str = contract.MODEL_NAME) -> list[str]:
+    """The tritonserver command line; `make serve`, the tests and docker-compose share these flags.
+
+    model_control "none" (the default) leaves the load/unload API off; "explicit" turns it on
+    (needed to switch versions, see ensemble.deploy) and loads `model` at start.
+    """
     return [
         str(binary),
         f"--model-repository={repository}",
@@ -103,6 +108,7 @@ def server_command(binary: Path, repository: Path, backends: Path, cfg: ServeCon
         f"--grpc-address={cfg.host}", f"--grpc-port={cfg.grpc_port}",
         f"--metrics-address={cfg.host}", f"--metrics-port={cfg.metrics_port}",
         f"--model-control-mode={model_control}",
+        *([f"--load-model={model}"] if model_control == "explicit" else []),
         "--allow-gpu-metrics=false",
         "--pinned-memory-pool-byte-size=0",
         "--cuda-memory-pool-byte-size=0:0",
@@ -157,7 +163,7 @@ class TritonServer:
             if not port_is_free(self.cfg.host, port):
                 raise ServerError(f"port {self.cfg.host}:{port} is already in use; choose other ports")
         self._backends = prepare_backends(Path(tempfile.mkdtemp(prefix="triton-backends-")))
-        cmd = server_command(tritonserver_binary(), self.repository, self._backends, self.cfg, self.model_control)
+        cmd = server_command(tritonserver_binary(), self.repository, self._backends, self.cfg, self.model_control, self.model)
         LOG.info("starting %s", " ".join(cmd))
         if self.log_path is not None:
             self._log = open(self.log_path, "wb")
@@ -221,9 +227,9 @@ class TritonServer:
         self.stop()
 
 
-def serve_forever(repository: Path, cfg: ServeConfig) -> int:
+def serve_forever(repository: Path, cfg: ServeConfig, model_control: str = "none") -> int:
     """Runs tritonserver in the foreground until Ctrl-C or SIGTERM; returns its exit code."""
-    server = TritonServer(repository, cfg)
+    server = TritonServer(repository, cfg, model_control=model_control)
     stopping = {"flag": False}
 
     def _stop(signum, _frame):
@@ -236,8 +242,9 @@ def serve_forever(repository: Path, cfg: ServeConfig) -> int:
     signal.signal(signal.SIGTERM, _stop)
     server.start().wait_ready()
     LOG.info(
-        "ready: model %r on gRPC %s, HTTP http://%s, metrics %s (pid %d). Press Ctrl-C to stop.",
-        contract.MODEL_NAME, server.grpc_url, server.http_url, server.metrics_url, server.process.pid,
+        "ready: model %r on gRPC %s, HTTP http://%s, metrics %s (pid %d); model control %s%s. Press Ctrl-C to stop.",
+        contract.MODEL_NAME, server.grpc_url, server.http_url, server.metrics_url, server.process.pid, model_control,
+        " (load/unload API on: anyone who reaches these ports can switch models)" if model_control == "explicit" else " (load/unload API off)",
     )
     code = server.process.wait()
     server.stop()

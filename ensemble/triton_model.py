@@ -22,6 +22,7 @@ import triton_python_backend_utils as pb_utils  # noqa: E402
 from common import contract  # noqa: E402
 from common.errors import RequestError  # noqa: E402
 from ensemble.executor import Limits, load_executor, parse_parameters  # noqa: E402
+from ensemble.metrics import ServingMetrics  # noqa: E402
 
 LOG = logging.getLogger("retrieval.model")
 _OPTIONAL_INPUTS = (contract.INPUT_EXCLUDE,)
@@ -37,6 +38,7 @@ class TritonPythonModel:
         threads = int(params.get("threads", "1"))
         self.executor = load_executor(_HERE / "ensemble", limits, threads=threads)
         self.optional_inputs = (*_OPTIONAL_INPUTS, *limits.user_features)
+        self.metrics = ServingMetrics(pb_utils, args["model_name"], str(args["model_version"]))
         pb_utils.Logger.log_info(
             f"retrieval model ready: {self.executor.n_items} items, limits {limits}, {threads} thread(s)"
         )
@@ -54,7 +56,9 @@ class TritonPythonModel:
                 parsed.append(({}, {}))
         try:
             answers = self.executor.execute(parsed)
+            self.metrics.record(self.executor.last)
         except Exception:  # noqa: BLE001 - log the traceback here, send the client a summary
+            self.metrics.record_error(len(requests))
             pb_utils.Logger.log_error("retrieval graph failed:\n" + traceback.format_exc())
             error = pb_utils.TritonError("internal error while serving this batch; see the server log", pb_utils.TritonError.INTERNAL)
             return [pb_utils.InferenceResponse(output_tensors=[], error=error) for _ in requests]
@@ -70,6 +74,7 @@ class TritonPythonModel:
 
     def finalize(self):
         pb_utils.Logger.log_info(f"retrieval model unloading; served {self.executor.stats}")
+        self.metrics.close()
 
 
 def _input(request, name):

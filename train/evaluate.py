@@ -223,7 +223,9 @@ def save_report(report: dict, out_dir: Path) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "metrics.json", "md": out_dir / "metrics.md", "png": out_dir / "recall_at_k.png"}
     paths["json"].write_text(json.dumps(report, indent=2))
-    paths["md"].write_text(format_table(report) + "\n\n" + "\n".join(verdicts(report)) + "\n")
+    losses = [line for line in verdicts(report) if "LOSES TO" in line]
+    banner = "".join(f"**WARNING: {line}**\n\n" for line in losses)
+    paths["md"].write_text(banner + format_table(report) + "\n\n" + "\n".join(verdicts(report)) + "\n")
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, curve in report["recall_curves"].items():
         ax.plot(np.arange(1, len(curve) + 1), curve, label=name)

@@ -74,7 +74,7 @@ def evaluate_all(cfg: PipelineConfig, work_dir: Path, tables: Tables, queries: n
 def log_report(report: dict, cfg: PipelineConfig) -> None:
     LOG.info("full-catalogue evaluation on %d users, %d items:\n%s", report["n_users"], report["n_items"], format_table(report))
     for line in verdicts(report, cfg.train.eval_ks[0]):
-        LOG.info(line)
+        (LOG.warning if "LOSES TO" in line else LOG.info)(line)
 
 
 def evaluate_artifacts(work_dir: str | Path, artifacts_dir: str | Path, out_dir: str | Path | None = None) -> dict:

@@ -77,3 +77,4 @@ def test_report_files_and_verdicts(tmp_path):
     assert "| two_tower | 0.2000 | 0.1000 | 0.1000 |" in format_table(report)
     paths = save_report(report, tmp_path)
     assert all(p.stat().st_size > 0 for p in paths.values())
+    assert paths["md"].read_text().startswith("**WARNING: two_tower LOSES TO popular")

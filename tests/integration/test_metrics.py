@@ -1,0 +1,64 @@
+"""Triton's Prometheus endpoint carries our metric families with values that add up."""
+
+import re
+import urllib.request
+
+import pandas as pd
+import pytest
+
+from common import contract
+from common.errors import ClientError
+
+pytestmark = pytest.mark.integration
+
+
+def scrape(server) -> dict[str, float]:
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        name, value = line.rsplit(" ", 1)
+        values[name] = float(value)
+    return values
+
+
+def metric(values, name, **labels):
+    """Sum of the samples of `name` whose labels include `labels`."""
+    total = 0.0
+    for key, value in values.items():
+        if key.split("{")[0] != name:
+            continue
+        found = dict(re.findall(r'(\w+)="([^"]*)"', key))
+        if all(found.get(k) == str(v) for k, v in labels.items()):
+            total += value
+    return total
+
+
+def test_our_families_count_what_we_sent(server, trained):
+    from client.client import RetrievalClient
+
+    users = pd.read_parquet(trained["artifacts"] / contract.ARTIFACT_USER_FEATURES).user_id.to_numpy()[:3].tolist()
+    before = scrape(server)
+    with RetrievalClient(server.grpc_url) as client:
+        for _ in range(4):
+            client.recommend(users + [10**12], top_k=3, exclude=[[1, 2], [], [], [3]])
+        client.recommend(users[:1], top_k=3, exclude_seen=True)
+        with pytest.raises(ClientError):
+            client.recommend(users[:1], top_k=0)
+    after = scrape(server)
+
+    def delta(name, **labels):
+        return metric(after, name, **labels) - metric(before, name, **labels)
+
+    assert delta("retrieval_requests_total", outcome="ok") == 5
+    assert delta("retrieval_requests_total", outcome="invalid") == 1
+    assert delta("retrieval_users_total", kind="known") == 4 * 3 + 1
+    assert delta("retrieval_users_total", kind="unknown") == 4
+    assert delta("retrieval_excluded_items_total", source="request") == 4 * 3
+    assert delta("retrieval_excluded_items_total", source="seen") == 1
+    for stage in ("parse", "lookup", "transform", "tower", "search"):
+        assert delta("retrieval_stage_seconds_count", stage=stage) == 5  # one observation per executed batch
+        assert 0 < delta("retrieval_stage_seconds_sum", stage=stage) < 5 * 0.5  # seconds, and sane ones
+    assert delta("retrieval_batch_users_sum") == 4 * 4 + 1
+    assert metric(after, "nv_inference_request_success", model=contract.MODEL_NAME) >= 5  # Triton's own, beside ours
