@@ -79,6 +79,9 @@ class DataConfig:
         label: interaction label column.
         positive_value: label value that marks a positive interaction.
         positive_min: when set, a label >= positive_min marks a positive instead (ratings, say).
+        dask_scheduler: run the NVTabular ETL on a Dask cluster: a scheduler address
+            (tcp://host:8786), or "local:N" for a local cluster of N worker processes made for
+            the run. None (the default) runs it in this process.
     """
 
     source: str = "synthetic"
@@ -104,12 +107,17 @@ class DataConfig:
     label: str = "click"
     positive_value: int = 1
     positive_min: float | None = None
+    dask_scheduler: str | None = None
 
     def __post_init__(self) -> None:
         sources = ("synthetic", "merlin", "aliccp", "files")
         _check(self.source in sources, f"data.source must be one of {sources}, got {self.source!r}")
         if self.source == "aliccp":
             _check(bool(self.aliccp_dir), "data.source=aliccp needs data.aliccp_dir")
+        if self.dask_scheduler:
+            _check(self.dask_scheduler.startswith(("tcp://", "tls://", "inproc://", "ucx://")) or
+                   (self.dask_scheduler.startswith("local:") and self.dask_scheduler[6:].isdigit() and int(self.dask_scheduler[6:]) >= 1),
+                   f"data.dask_scheduler must be a scheduler address (tcp://host:port) or local:N, got {self.dask_scheduler!r}")
         if self.source == "files":
             _check(bool(self.interactions), "data.source=files needs data.interactions (a parquet or CSV path)")
         _check(self.num_users >= 2, f"data.num_users must be >= 2, got {self.num_users}")
@@ -262,6 +270,9 @@ class ServeConfig:
         instance_count: executor model instances (each a Python process).
         threads: intra-op threads of TensorFlow, BLAS and FAISS in each instance.
         tower_runtime: "numpy" (the compiled tower, the default) or "tensorflow" (the SavedModel).
+        feature_store: "embedded" (the exported parquet table in each server's memory) or a
+            Redis URL (redis://host:port/db) shared by replicas; fill it with
+            `python -m ensemble materialize` first.
         ready_timeout_s: how long `serve` waits for the server to become ready.
     """
 
@@ -277,6 +288,7 @@ class ServeConfig:
     instance_count: int = 1
     threads: int = 1
     tower_runtime: str = "numpy"
+    feature_store: str = "embedded"
     ready_timeout_s: float = 180.0
 
     def __post_init__(self) -> None:
@@ -293,6 +305,8 @@ class ServeConfig:
         _check(self.max_queue_delay_us >= 0, "serve.max_queue_delay_us must be >= 0")
         _check(self.instance_count >= 1, "serve.instance_count must be >= 1")
         _check(self.threads >= 1, "serve.threads must be >= 1")
+        _check(self.feature_store == "embedded" or self.feature_store.startswith(("redis://", "rediss://", "unix://")),
+               f"serve.feature_store must be 'embedded' or a redis:// URL, got {self.feature_store!r}")
         _check(self.tower_runtime in ("numpy", "tensorflow"), f"serve.tower_runtime must be numpy or tensorflow, got {self.tower_runtime!r}")
         _check(self.ready_timeout_s > 0, "serve.ready_timeout_s must be > 0")
 

@@ -7,6 +7,7 @@ import importlib.metadata
 import json
 import logging
 import platform
+import uuid
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -58,6 +59,7 @@ def write_manifest(folder: Path, body: dict[str, Any]) -> Path:
         files[name] = {"bytes": size}
     manifest = {
         "format_version": FORMAT_VERSION,
+        "artifacts_id": uuid.uuid4().hex,  # names this export in shared stores (see ensemble.redis_store)
         "created_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "versions": library_versions(),
         "files": files,

@@ -25,6 +25,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     serve.add_argument("--model-control", choices=("none", "explicit"), default="none",
                        help="explicit turns on Triton's load/unload API (for `deploy`); off by default")
     add_config_args(serve)
+    mat = sub.add_parser("materialize", help="write an export's user features to a shared Redis feature store")
+    mat.add_argument("--artifacts", required=True, type=Path)
+    mat.add_argument("--redis", required=True, help="redis://host:port/db")
     for name, text in (("deploy", "add the artifacts as the next version and switch the running server to it"),
                        ("rollback", "switch the running server back to the previous version"),
                        ("activate", "switch the running server to a given version")):
@@ -49,6 +52,18 @@ def main(argv=None) -> int:
         stored = read_manifest(args.artifacts)["config"]
         base = config_from_dict({k: v for k, v in stored.items() if k != "serve"})
         build_repository(args.artifacts, args.repository, overwrite=args.overwrite, cfg=config_from_args(args, base=base))
+        return 0
+    if args.command == "materialize":
+        from common import contract
+        from common.manifest import read_manifest
+        from ensemble.executor import store_namespace
+        from ensemble.redis_store import materialize
+
+        manifest = read_manifest(args.artifacts)
+        cols = manifest["columns"]
+        n = materialize(args.redis, store_namespace(manifest), args.artifacts / contract.ARTIFACT_USER_FEATURES,
+                        cols["user_id"], tuple(cols["user_features"]))
+        print(f"materialized {n} users under {store_namespace(manifest)} in {args.redis}")
         return 0
     if args.command in ("deploy", "rollback", "activate"):
         from ensemble import deploy

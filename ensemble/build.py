@@ -99,6 +99,7 @@ def executor_config(cfg: PipelineConfig, name: str = contract.MODEL_NAME) -> mod
         "default_top_k": serve.default_top_k, "max_top_k": serve.max_top_k,
         "max_exclude": serve.max_exclude, "threads": serve.threads, "exclude_seen": "false",
         "user_features": ",".join(cfg.data.user_features),
+        "feature_store": serve.feature_store,
     }.items():
         config.parameters[key].string_value = str(value)
     return config

@@ -331,6 +331,11 @@ class RetrievalExecutor:
         return answers  # type: ignore[return-value]
 
 
+def store_namespace(manifest: dict) -> str:
+    """The key prefix of an export in a shared feature store."""
+    return f"{contract.MODEL_NAME}:{manifest['artifacts_id']}"
+
+
 def parse_parameters(raw: str | None) -> dict[str, Any]:
     """A Triton request's parameters JSON -> dict (empty when absent)."""
     if not raw:
@@ -344,26 +349,30 @@ def parse_parameters(raw: str | None) -> dict[str, Any]:
     return params
 
 
-def limits_of_model(model_dir: str | Path) -> tuple[Limits, int]:
-    """(request limits, threads) from a model's config.pbtxt, as the server reads them."""
+def model_parameters(model_dir: str | Path, version: int | None = None) -> tuple[dict[str, str], int]:
+    """(parameters, max_batch_size) of a model's config.pbtxt (of `version`'s own copy if kept)."""
     import tritonclient.grpc.model_config_pb2 as mc
     from google.protobuf import text_format
 
-    config = text_format.Parse((Path(model_dir) / "config.pbtxt").read_text(), mc.ModelConfig())
-    params = {k: v.string_value for k, v in config.parameters.items()}
-    return Limits.from_parameters(params, config.max_batch_size or 1), int(params.get("threads", "1"))
+    path = Path(model_dir) / f"config.v{version}.pbtxt"
+    if version is None or not path.is_file():
+        path = Path(model_dir) / "config.pbtxt"
+    config = text_format.Parse(path.read_text(), mc.ModelConfig())
+    return {k: v.string_value for k, v in config.parameters.items()}, config.max_batch_size or 1
 
 
 def load_model_in_process(repository: str | Path, name: str = contract.MODEL_NAME, version: int = 1) -> RetrievalExecutor:
     """The served request path of a model repository, loaded in this process (no server)."""
-    limits, threads = limits_of_model(Path(repository) / name)
-    return load_executor(Path(repository) / name / str(version) / "ensemble", limits, threads)
+    params, max_batch = model_parameters(Path(repository) / name, version)
+    return load_executor(Path(repository) / name / str(version) / "ensemble", Limits.from_parameters(params, max_batch),
+                         int(params.get("threads", "1")), params.get("feature_store", "embedded"))
 
 
-def load_executor(ensemble_dir: str | Path, limits: Limits, threads: int = 1) -> RetrievalExecutor:
+def load_executor(ensemble_dir: str | Path, limits: Limits, threads: int = 1, feature_store: str = "embedded") -> RetrievalExecutor:
     """Loads a saved ensemble and its artifacts into an executor (in the server or in-process)."""
     from merlin.systems.dag import Ensemble
 
+    from ensemble.ops.lookup import LookupUserFeatures
     from ensemble.ops.search import SearchItems
     from ensemble.ops.tower import configure_threads
 
@@ -377,6 +386,11 @@ def load_executor(ensemble_dir: str | Path, limits: Limits, threads: int = 1) ->
     runner = GraphRunner(ensemble)
     n_items = 0
     for node in runner.nodes:
+        if isinstance(node.op, LookupUserFeatures) and feature_store != "embedded":
+            from ensemble.redis_store import RedisFeatureStore
+
+            manifest = json.loads((Path(ensemble_dir).parent / contract.MANIFEST).read_text())
+            node.op.set_store(RedisFeatureStore(feature_store, store_namespace(manifest), node.op.feature_names))
         if node.op is not None:
             node.op.load_artifacts(str(ensemble_dir))
             if isinstance(node.op, SearchItems):

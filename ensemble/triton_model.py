@@ -36,7 +36,7 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         limits = Limits.from_parameters(params, int(config.get("max_batch_size", 0)) or 1)
         threads = int(params.get("threads", "1"))
-        self.executor = load_executor(_HERE / "ensemble", limits, threads=threads)
+        self.executor = load_executor(_HERE / "ensemble", limits, threads=threads, feature_store=params.get("feature_store", "embedded"))
         self.optional_inputs = (*_OPTIONAL_INPUTS, *limits.user_features)
         self.metrics = ServingMetrics(pb_utils, args["model_name"], str(args["model_version"]))
         pb_utils.Logger.log_info(

@@ -8,7 +8,9 @@ not, so that the catalogue holds every item users were shown.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -44,6 +46,7 @@ class EtlResult:
         train_rows: positive training rows written.
         valid_rows: positive validation rows written.
         rows_per_s: input impressions processed per second (fit + both transforms).
+        workers: Dask workers the ETL ran on (0: in this process).
     """
 
     workflow_dir: Path
@@ -52,6 +55,7 @@ class EtlResult:
     train_rows: int
     valid_rows: int
     rows_per_s: float
+    workers: int = 0
 
     @property
     def root(self) -> Path:
@@ -86,9 +90,37 @@ def feature_workflow(cfg: DataConfig, stats_dir: Path) -> nvt.Workflow:
 
 def positives_workflow(cfg: DataConfig, schema) -> nvt.Workflow:
     """A stateless workflow that keeps the positive rows (label == positive_value, or >= positive_min)."""
-    label = cfg.label
-    keep = schema.column_names >> ops.Filter(f=lambda df: cfg.is_positive(df[label]))
+    # Plain values only in the closure: Dask workers unpickle it without importing our packages.
+    label, value, minimum = cfg.label, cfg.positive_value, cfg.positive_min
+    if minimum is None:
+        keep = schema.column_names >> ops.Filter(f=lambda df: df[label] == value)
+    else:
+        keep = schema.column_names >> ops.Filter(f=lambda df: df[label] >= minimum)
     return nvt.Workflow(keep)
+
+
+@contextlib.contextmanager
+def dask_cluster(scheduler: str | None):
+    """NVTabular's Dask client for the ETL: none, an existing scheduler, or a local cluster."""
+    if not scheduler:
+        yield None
+        return
+    from distributed import Client
+    from merlin.core.utils import Distributed
+
+    if scheduler.startswith("local:"):
+        with Distributed(cluster_type="cpu", force_new=True, n_workers=int(scheduler[6:]), threads_per_worker=1,
+                         processes=True, dashboard_address=None) as dist:
+            LOG.info("ETL on a local Dask cluster of %d workers", len(dist.client.scheduler_info()["workers"]))
+            yield dist.client
+        return
+    client = Client(scheduler)
+    try:
+        with Distributed(client=client):
+            LOG.info("ETL on the Dask cluster at %s (%d workers)", scheduler, len(client.scheduler_info()["workers"]))
+            yield client
+    finally:
+        client.close()
 
 
 def user_workflow(workflow: nvt.Workflow, cfg: DataConfig) -> nvt.Workflow:
@@ -126,7 +158,13 @@ def run_etl(cfg: DataConfig, train_path: str | Path, valid_path: str | Path, out
         valid_path: raw validation impressions.
         out_dir: folder for `workflow/`, `train/` and `valid/`.
     """
-    out = Path(out_dir)
+    with dask_cluster(cfg.dask_scheduler) as client:
+        workers = len(client.scheduler_info()["workers"]) if client else 0
+        result = _run_etl(cfg, train_path, valid_path, Path(out_dir))
+    return dataclasses.replace(result, workers=workers)
+
+
+def _run_etl(cfg: DataConfig, train_path, valid_path, out: Path) -> EtlResult:
     started = time.perf_counter()
     train_raw = Dataset(str(train_path), engine="parquet")
     valid_raw = Dataset(str(valid_path), engine="parquet")

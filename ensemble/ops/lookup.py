@@ -48,6 +48,8 @@ class LookupUserFeatures(ArrayOperator, BaseOperator):
         shutil.copy2(self.table_path, Path(artifact_path) / Path(self.table_path).name)
 
     def load_artifacts(self, artifact_path: str | None = None) -> None:
+        if self._store is not None:  # a shared store was set (set_store): no local table needed
+            return
         path = Path(artifact_path) / Path(self.table_path).name if artifact_path else Path(self.table_path)
         self._store = ParquetFeatureStore(path, self.id_column, self.feature_names)
 

@@ -1,0 +1,101 @@
+"""The Redis-backed user lookup (a real redis-server on loopback) equals the embedded one."""
+
+import dataclasses
+import shutil
+import subprocess
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from common import contract
+from common.errors import ArtifactError
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory):
+    import redis
+
+    from ensemble.server import free_port
+
+    binary = shutil.which("redis-server")
+    assert binary, "redis-server is not installed (Debian: apt-get install redis-server; .ci/run installs it)"
+    port = free_port()
+    folder = tmp_path_factory.mktemp("redis")
+    process = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                                "--dir", str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    url = f"redis://127.0.0.1:{port}/0"
+    deadline = time.monotonic() + 20
+    while True:
+        assert process.poll() is None, f"redis-server exited with {process.returncode}"
+        try:
+            redis.Redis.from_url(url).ping()
+            break
+        except redis.exceptions.ConnectionError:
+            assert time.monotonic() < deadline, "redis-server did not answer in 20 s"
+            time.sleep(0.1)
+    yield url
+    process.terminate()
+    process.wait(10)
+
+
+@pytest.fixture(scope="module")
+def redis_repository(trained, redis_url, tmp_path_factory):
+    from common.config import config_from_dict
+    from common.manifest import read_manifest
+    from ensemble.build import build_repository
+    from ensemble.executor import store_namespace
+    from ensemble.redis_store import materialize
+
+    manifest = read_manifest(trained["artifacts"])
+    data = trained["cfg"].data
+    materialize(redis_url, store_namespace(manifest), trained["artifacts"] / contract.ARTIFACT_USER_FEATURES, data.user_id, data.user_features)
+    cfg = config_from_dict({k: v for k, v in manifest["config"].items() if k != "serve"})
+    cfg = dataclasses.replace(cfg, serve=dataclasses.replace(cfg.serve, feature_store=redis_url))
+    return build_repository(trained["artifacts"], tmp_path_factory.mktemp("redis_repo") / "repo", cfg=cfg)
+
+
+def _requests(trained):
+    users = pd.read_parquet(trained["artifacts"] / contract.ARTIFACT_USER_FEATURES).user_id.to_numpy()[:40]
+    ids = np.append(users, [10**9, 10**9 + 1]).reshape(-1, 1).astype(np.int64)
+    age = np.full((len(ids), 1), -1, np.int64)
+    age[-1] = 2  # a new user's feature sent in the request
+    return [({contract.INPUT_USER_ID: ids, "user_age": age}, {"top_k": 7})]
+
+
+def test_redis_lookup_equals_embedded_in_process(redis_repository, executor, trained):
+    from ensemble.executor import load_model_in_process
+    from ensemble.redis_store import RedisFeatureStore
+
+    with_redis = load_model_in_process(redis_repository)
+    lookup = next(n.op for n in with_redis.runner.nodes if type(n.op).__name__ == "LookupUserFeatures")
+    assert isinstance(lookup._store, RedisFeatureStore)
+    ours, embedded = with_redis.execute(_requests(trained))[0], executor.execute(_requests(trained))[0]
+    for name in (contract.OUTPUT_ITEM_IDS, contract.OUTPUT_SCORES, contract.OUTPUT_UNKNOWN):
+        np.testing.assert_array_equal(ours[name], embedded[name])
+
+
+def test_redis_backed_server_answers_like_the_embedded_one(redis_repository, executor, trained, tmp_path):
+    from client.client import RetrievalClient
+    from ensemble.server import TritonServer
+    from tests.integration.conftest import free_serve_config
+
+    users = pd.read_parquet(trained["artifacts"] / contract.ARTIFACT_USER_FEATURES).user_id.to_numpy()[:10].tolist() + [10**9]
+    expected = executor.execute([({contract.INPUT_USER_ID: np.array(users, np.int64).reshape(-1, 1)}, {"top_k": 5})])[0]
+    with TritonServer(redis_repository, free_serve_config(), log_path=tmp_path / "log.txt") as server:
+        with RetrievalClient(server.grpc_url) as client:
+            recs = client.recommend(users, top_k=5)
+    np.testing.assert_array_equal(recs.item_ids, expected[contract.OUTPUT_ITEM_IDS])
+    assert recs.unknown_user.tolist() == [False] * 10 + [True]
+
+
+def test_a_namespace_never_materialized_is_a_clear_error(redis_url):
+    from ensemble.redis_store import RedisFeatureStore
+
+    with pytest.raises(ArtifactError, match="holds no features under retrieval:nope; run `python -m ensemble materialize`"):
+        RedisFeatureStore(redis_url, "retrieval:nope", ("user_age",))
+    with pytest.raises(ArtifactError, match="cannot reach the feature store"):
+        RedisFeatureStore("redis://127.0.0.1:1/0", "retrieval:nope", ("user_age",))
