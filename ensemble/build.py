@@ -49,7 +49,7 @@ def input_schema(user_features: tuple[str, ...]) -> Schema:
     ])
 
 
-def build_ensemble(artifacts: Path, scratch: Path, cfg: PipelineConfig) -> Ensemble:
+def build_ensemble(artifacts: Path, scratch: Path, cfg: PipelineConfig, manifest: dict) -> Ensemble:
     """Wires our operators into a merlin-systems Ensemble over the artifacts folder."""
     from train.etl import user_workflow
 
@@ -64,7 +64,6 @@ def build_ensemble(artifacts: Path, scratch: Path, cfg: PipelineConfig) -> Ensem
     query = encoded >> QueryTower(
         artifacts / contract.ARTIFACT_QUERY_TOWER, artifacts / contract.ARTIFACT_QUERY_TOWER_COMPILED, cfg.serve.tower_runtime
     )
-    manifest = read_manifest(artifacts)
     results = (query + [TOP_K, contract.INPUT_USER_ID, contract.INPUT_EXCLUDE, EXCLUDE_SEEN]) >> SearchItems(
         artifacts / contract.ARTIFACT_INDEX,
         artifacts / contract.ARTIFACT_ITEM_IDS,
@@ -162,7 +161,7 @@ def build_repository(artifacts_dir: str | Path, repository: str | Path, overwrit
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
     try:
-        ensemble = build_ensemble(artifacts, scratch, cfg)
+        ensemble = build_ensemble(artifacts, scratch, cfg, manifest)
         ensemble.export(str(repo), runtime=RetrievalRuntime(cfg), name=contract.MODEL_NAME, version=version)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -16,7 +16,6 @@ _HERE = Path(__file__).resolve().parent
 # The export vendors our packages next to this file so the model does not depend on a checkout.
 sys.path.insert(0, str(_HERE / "code"))
 
-import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
 from common import contract  # noqa: E402

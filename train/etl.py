@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import nvtabular as nvt
+import pandas as pd
 from merlin.io import Dataset
 from merlin.schema import Tags
 from nvtabular import ops
@@ -62,10 +63,8 @@ class EtlResult:
         return self.workflow_dir.parent
 
 
-def read_encoded(folder: Path, columns: list[str] | None = None) -> "pd.DataFrame":
+def read_encoded(folder: Path, columns: list[str] | None = None) -> pd.DataFrame:
     """Reads an ETL output folder (parquet parts beside merlin's schema files) into pandas."""
-    import pandas as pd
-
     parts = sorted(Path(folder).glob("*.parquet"))
     if not parts:
         raise DataError(f"{folder} holds no parquet files")

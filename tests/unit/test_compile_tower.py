@@ -1,7 +1,6 @@
 """train.compile_tower: refuses what it does not recognise."""
 
 import merlin.models.tf as mm
-import numpy as np
 import pandas as pd
 import pytest
 from merlin.io import Dataset

@@ -8,7 +8,7 @@ import pytest
 
 from common.config import DataConfig, load_config
 from common.errors import DataError
-from train.data import prepare_data, split_by_time
+from train.data import split_by_time
 from train.declared import ABSENT, load_declared
 
 

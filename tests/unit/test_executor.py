@@ -188,3 +188,12 @@ def test_sent_features_replace_stored_ones(executor, trained, oracle):
     changed = executor.execute([({contract.INPUT_USER_ID: users(user.user_id[0]), "user_age": np.array([[other_age]])}, {"top_k": 6})])[0]
     np.testing.assert_array_equal(changed[contract.OUTPUT_ITEM_IDS], oracle(user.assign(user_age=other_age), 6))
     assert changed[contract.OUTPUT_UNKNOWN].tolist() == [[False]]
+
+
+def test_protobuf_stays_compiled_on_the_request_path():
+    """merlin-systems sets PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION=python when its TensorFlow op is
+    imported; by then protobuf is loaded, so our processes keep the C implementation."""
+    import ensemble.executor  # noqa: F401 - the import order of the served model
+    from google.protobuf.internal import api_implementation
+
+    assert api_implementation.Type() != "python"
