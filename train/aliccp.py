@@ -16,6 +16,7 @@ the value 0, a category of its own. Multi-valued fields keep their last value, a
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,7 @@ USER_FIELDS = {
 ITEM_FIELDS = {"205": "item_id", "206": "item_category", "207": "item_shop", "216": "item_brand"}
 ABSENT = 0
 CHUNK_ROWS = 200_000
+PROGRESS_EVERY = 1_000_000  # lines between progress lines (the real train skeleton has 42M)
 COLUMNS = ["user_id", *ALICCP_USER_FEATURES, "item_id", *ALICCP_ITEM_FEATURES, "click"]
 
 
@@ -74,10 +76,13 @@ def convert_split(folder: Path, split: str, out_path: Path, max_rows: int | None
     common = read_common_features(common_path)
     schema = pa.schema([(c, pa.int64()) for c in COLUMNS])
     rows, written, missing_common = [], 0, 0
+    started = time.perf_counter()
     with open(skeleton, encoding="utf-8") as f, pq.ParquetWriter(out_path, schema) as writer:
         for n, line in enumerate(f, 1):
             if max_rows is not None and n > max_rows:
                 break
+            if n % PROGRESS_EVERY == 0:
+                LOG.info("%s: %d lines read, %d rows written (%.0f lines/s)", skeleton.name, n, written, n / (time.perf_counter() - started))
             parts = line.rstrip("\n").split(",", 5)
             if len(parts) != 6:
                 raise DataError(f"{skeleton}:{n}: expected 6 comma-separated fields, got {len(parts)}")
