@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from common.cli import run_cli
-from common.config import IndexConfig, config_from_dict
+from common.config import IndexConfig
 
 LOG = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     from bench import indexes, reference, report, scale, systems, train_speed, trivial
-    from common.manifest import read_manifest
+    from common.manifest import artifacts_config, read_manifest
     from ensemble.build import build_repository
 
     args = parse_args(argv)
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     concurrencies = [int(c) for c in args.concurrency.split(",") if c]
     manifest = read_manifest(args.artifacts)
-    cfg = config_from_dict({k: v for k, v in manifest["config"].items() if k != "serve"})
+    cfg = artifacts_config(manifest)
 
     scaled = out / "artifacts_scaled"
     catalogue = scale.scale_artifacts(args.artifacts, args.work, scaled, args.items, IndexConfig(), seed=args.seed)

@@ -70,6 +70,14 @@ def write_manifest(folder: Path, body: dict[str, Any]) -> Path:
     return path
 
 
+def artifacts_config(manifest: dict[str, Any]):
+    """The settings to serve an export with: its own data/train/index sections, today's serve
+    defaults (how to serve is a deployment choice, not something fixed at training)."""
+    from common.config import config_from_dict
+
+    return config_from_dict({k: v for k, v in manifest["config"].items() if k != "serve"})
+
+
 def _major_minor(version: str) -> tuple[str, ...]:
     return tuple(version.split(".")[:2])
 

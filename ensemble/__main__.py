@@ -44,13 +44,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.command == "build":
-        from common.config import config_from_dict
-        from common.manifest import read_manifest
+        from common.manifest import artifacts_config, read_manifest
         from ensemble.build import build_repository
 
         # The artifacts' own data/train/index settings, today's serve settings; then the flags.
-        stored = read_manifest(args.artifacts)["config"]
-        base = config_from_dict({k: v for k, v in stored.items() if k != "serve"})
+        base = artifacts_config(read_manifest(args.artifacts))
         build_repository(args.artifacts, args.repository, overwrite=args.overwrite, cfg=config_from_args(args, base=base))
         return 0
     if args.command == "materialize":

@@ -23,9 +23,9 @@ from merlin.systems.dag import Ensemble
 from merlin.systems.dag.runtimes.triton import TritonExecutorRuntime
 
 from common import contract
-from common.config import PipelineConfig, config_from_dict
+from common.config import PipelineConfig
 from common.errors import ArtifactError
-from common.manifest import read_manifest
+from common.manifest import artifacts_config, read_manifest
 from ensemble.ops.lookup import LookupUserFeatures
 from ensemble.ops.search import EXCLUDE_SEEN, TOP_K, SearchItems
 from ensemble.ops.tower import QueryTower
@@ -152,7 +152,7 @@ def build_repository(artifacts_dir: str | Path, repository: str | Path, overwrit
     """
     artifacts, repo = Path(artifacts_dir), Path(repository)
     manifest = read_manifest(artifacts)
-    cfg = cfg or config_from_dict({k: v for k, v in manifest["config"].items() if k != "serve"})
+    cfg = cfg or artifacts_config(manifest)
     if repo.exists() and any(repo.iterdir()):
         if not overwrite:
             raise ArtifactError(f"{repo} exists and is not empty; pass --overwrite to replace it")

@@ -44,8 +44,7 @@ def redis_url(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def redis_repository(trained, redis_url, tmp_path_factory):
-    from common.config import config_from_dict
-    from common.manifest import read_manifest
+    from common.manifest import artifacts_config, read_manifest
     from ensemble.build import build_repository
     from ensemble.executor import store_namespace
     from ensemble.redis_store import materialize
@@ -53,7 +52,7 @@ def redis_repository(trained, redis_url, tmp_path_factory):
     manifest = read_manifest(trained["artifacts"])
     data = trained["cfg"].data
     materialize(redis_url, store_namespace(manifest), trained["artifacts"] / contract.ARTIFACT_USER_FEATURES, data.user_id, data.user_features)
-    cfg = config_from_dict({k: v for k, v in manifest["config"].items() if k != "serve"})
+    cfg = artifacts_config(manifest)
     cfg = dataclasses.replace(cfg, serve=dataclasses.replace(cfg.serve, feature_store=redis_url))
     return build_repository(trained["artifacts"], tmp_path_factory.mktemp("redis_repo") / "repo", cfg=cfg)
 
