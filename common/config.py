@@ -273,7 +273,20 @@ class ServeConfig:
         feature_store: "embedded" (the exported parquet table in each server's memory) or a
             Redis URL (redis://host:port/db) shared by replicas; fill it with
             `python -m ensemble materialize` first.
+        feature_store_timeout_s: the longest one feature-store call may take (connect or
+            answer); past it the batch's requests fail with UNAVAILABLE and a clear message.
+        index_device: where FAISS searches: "cpu", "gpu" (GPU 0; the load fails without one) or
+            "auto" (GPU 0 when this FAISS build sees one). Logged at load.
         ready_timeout_s: how long `serve` waits for the server to become ready.
+        health_port: port of the supervisor's own health endpoints (/live, /ready), whose
+            readiness comes from a canary request through the model.
+        canary_interval_s: seconds between canary requests.
+        canary_timeout_s: how long a canary may take before it counts as failed.
+        recover_after_failures: consecutive canary failures of a dead model (not of the feature
+            store) after which the supervisor restarts tritonserver.
+        max_restarts: restarts within `restart_window_s` after which the supervisor gives up
+            and exits non-zero (a crash loop is for a person to look at).
+        restart_window_s: the window of `max_restarts`.
     """
 
     host: str = contract.DEFAULT_HOST
@@ -289,12 +302,20 @@ class ServeConfig:
     threads: int = 1
     tower_runtime: str = "numpy"
     feature_store: str = "embedded"
+    feature_store_timeout_s: float = 0.5
+    index_device: str = "cpu"
     ready_timeout_s: float = 180.0
+    health_port: int = contract.DEFAULT_HEALTH_PORT
+    canary_interval_s: float = 2.0
+    canary_timeout_s: float = 5.0
+    recover_after_failures: int = 2
+    max_restarts: int = 10
+    restart_window_s: float = 300.0
 
     def __post_init__(self) -> None:
-        ports = (self.http_port, self.grpc_port, self.metrics_port)
+        ports = (self.http_port, self.grpc_port, self.metrics_port, self.health_port)
         _check(all(0 < p < 65536 for p in ports), f"serve ports must be in 1..65535, got {ports}")
-        _check(len(set(ports)) == 3, f"serve ports must differ, got {ports}")
+        _check(len(set(ports)) == 4, f"serve ports must differ, got {ports}")
         _check(self.max_batch_size >= 1, "serve.max_batch_size must be >= 1")
         _check(self.max_top_k >= 1, "serve.max_top_k must be >= 1")
         _check(
@@ -309,6 +330,13 @@ class ServeConfig:
                f"serve.feature_store must be 'embedded' or a redis:// URL, got {self.feature_store!r}")
         _check(self.tower_runtime in ("numpy", "tensorflow"), f"serve.tower_runtime must be numpy or tensorflow, got {self.tower_runtime!r}")
         _check(self.ready_timeout_s > 0, "serve.ready_timeout_s must be > 0")
+        _check(0 < self.feature_store_timeout_s <= 30, f"serve.feature_store_timeout_s must be in (0, 30], got {self.feature_store_timeout_s}")
+        _check(self.index_device in ("cpu", "gpu", "auto"), f"serve.index_device must be cpu, gpu or auto, got {self.index_device!r}")
+        _check(self.canary_interval_s > 0, f"serve.canary_interval_s must be > 0, got {self.canary_interval_s}")
+        _check(self.canary_timeout_s > 0, f"serve.canary_timeout_s must be > 0, got {self.canary_timeout_s}")
+        _check(self.recover_after_failures >= 1, f"serve.recover_after_failures must be >= 1, got {self.recover_after_failures}")
+        _check(self.max_restarts >= 1, f"serve.max_restarts must be >= 1, got {self.max_restarts}")
+        _check(self.restart_window_s > 0, f"serve.restart_window_s must be > 0, got {self.restart_window_s}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -40,6 +40,7 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_HTTP_PORT = 8000
 DEFAULT_GRPC_PORT = 8001
 DEFAULT_METRICS_PORT = 8002
+DEFAULT_HEALTH_PORT = 8003  # the supervisor's /live and /ready (a canary through the model)
 
 # Artifact file names inside the artifacts folder written by `train` and read by `ensemble`.
 ARTIFACT_WORKFLOW = "workflow"

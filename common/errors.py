@@ -31,3 +31,7 @@ class RequestError(RetrievalError):
 
 class ClientError(RetrievalError):
     """The client could not get an answer: unreachable server, unknown model, bad reply."""
+
+
+class FeatureStoreError(RetrievalError):
+    """The online feature store did not answer in time, or lacks this export's features."""

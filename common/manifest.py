@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import importlib.metadata
 import json
 import logging
@@ -16,7 +17,7 @@ from common.errors import ArtifactError
 
 LOG = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a sha256 for every file
 LIBRARIES = (
     "merlin-core", "merlin-models", "merlin-systems", "nvtabular", "tensorflow",
     "faiss-cpu", "numpy", "pandas", "tritonclient",
@@ -45,18 +46,60 @@ def library_versions(names: Iterable[str] = LIBRARIES) -> dict[str, str]:
     return out
 
 
-def write_manifest(folder: Path, body: dict[str, Any]) -> Path:
-    """Writes manifest.json with the format version, time, library versions and file sizes."""
-    files = {}
-    for name in REQUIRED_FILES:
+def sha256_of(path: Path, chunk_bytes: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks (hashlib releases the GIL on large updates)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk_bytes):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_digests(folder: Path, names: Iterable[str] | None = None) -> dict[str, dict[str, Any]]:
+    """{relative path: {"bytes", "sha256"}} for every file under `names` (files or folders) of
+    `folder`, or under all of it; `__pycache__` folders (written by imports) are left out."""
+    folder = Path(folder)
+    roots = [folder / n for n in names] if names is not None else [folder]
+    out = {}
+    for root in roots:
+        if not root.exists():
+            raise ArtifactError(f"cannot record {root}: it is missing")
+        paths = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+        for path in paths:
+            if "__pycache__" in path.parts:
+                continue
+            out[path.relative_to(folder).as_posix()] = {"bytes": path.stat().st_size, "sha256": sha256_of(path)}
+    return out
+
+
+def verify_files(folder: Path, digests: dict[str, dict[str, Any]]) -> None:
+    """Checks that every recorded file is present with its size and sha256.
+
+    Raises:
+        ArtifactError: naming the first file that is missing, of another size, or changed.
+    """
+    folder = Path(folder)
+    for name, want in sorted(digests.items()):
         path = folder / name
-        if path.is_dir():
-            size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-        elif path.is_file():
-            size = path.stat().st_size
-        else:
-            raise ArtifactError(f"cannot write a manifest for {folder}: {name} is missing")
-        files[name] = {"bytes": size}
+        if not path.is_file():
+            raise ArtifactError(f"{path} is missing (recorded in the manifest at export)")
+        size = path.stat().st_size
+        if size != want["bytes"]:
+            raise ArtifactError(f"{path} has {size} bytes, the manifest recorded {want['bytes']}: the file was truncated or replaced")
+        found = sha256_of(path)
+        if found != want["sha256"]:
+            raise ArtifactError(
+                f"{path} does not match its sha256 in the manifest (recorded {want['sha256'][:16]}..., found {found[:16]}...): "
+                "the file was changed or corrupted after export"
+            )
+
+
+def write_manifest(folder: Path, body: dict[str, Any]) -> Path:
+    """Writes manifest.json with the format version, time, library versions and each file's size and sha256."""
+    missing = [name for name in REQUIRED_FILES if not (folder / name).exists()]
+    if missing:
+        raise ArtifactError(f"cannot write a manifest for {folder}: {missing} missing")
+    files = file_digests(folder, REQUIRED_FILES)
     manifest = {
         "format_version": FORMAT_VERSION,
         "artifacts_id": uuid.uuid4().hex,  # names this export in shared stores (see ensemble.redis_store)
@@ -86,7 +129,8 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     """Reads and checks an artifacts folder's manifest.
 
     Checks: the manifest exists and has our format version, every required file is present
-    with a plausible size, and the embedding file's shape matches the recorded counts.
+    with the size and sha256 recorded at export, and the embedding file's shape matches the
+    recorded counts.
     Library versions that differ in major.minor from the running ones are logged as warnings.
 
     Raises:
@@ -105,6 +149,7 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     missing = [name for name in REQUIRED_FILES if not (folder / name).exists()]
     if missing:
         raise ArtifactError(f"{folder} lacks {missing} listed as required by its manifest")
+    verify_files(folder, manifest["files"])
     import numpy as np
 
     emb = np.load(folder / contract.ARTIFACT_ITEM_EMBEDDINGS, mmap_mode="r")

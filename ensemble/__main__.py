@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     if args.command == "materialize":
         from common import contract
         from common.manifest import read_manifest
-        from ensemble.executor import store_namespace
+        from ensemble.loader import store_namespace
         from ensemble.redis_store import materialize
 
         manifest = read_manifest(args.artifacts)

@@ -10,6 +10,7 @@ parameters) and its model.py is `ensemble.triton_model`, with our packages vendo
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -25,7 +26,7 @@ from merlin.systems.dag.runtimes.triton import TritonExecutorRuntime
 from common import contract
 from common.config import PipelineConfig
 from common.errors import ArtifactError
-from common.manifest import artifacts_config, read_manifest
+from common.manifest import artifacts_config, file_digests, read_manifest
 from ensemble.ops.lookup import LookupUserFeatures
 from ensemble.ops.search import EXCLUDE_SEEN, TOP_K, SearchItems
 from ensemble.ops.tower import QueryTower
@@ -99,6 +100,8 @@ def executor_config(cfg: PipelineConfig, name: str = contract.MODEL_NAME) -> mod
         "max_exclude": serve.max_exclude, "threads": serve.threads, "exclude_seen": "false",
         "user_features": ",".join(cfg.data.user_features),
         "feature_store": serve.feature_store,
+        "feature_store_timeout_s": serve.feature_store_timeout_s,
+        "index_device": serve.index_device,
     }.items():
         config.parameters[key].string_value = str(value)
     return config
@@ -135,6 +138,13 @@ class RetrievalRuntime(TritonExecutorRuntime):
         return config
 
 
+def record_version_files(version_dir: Path, manifest: dict) -> None:
+    """Writes the version folder's manifest: the artifacts' manifest plus the size and sha256 of
+    every file the version serves (model.py, vendored code, ensemble), checked at every load."""
+    served = {**manifest, "repository_files": file_digests(version_dir)}
+    (version_dir / contract.MANIFEST).write_text(json.dumps(served, indent=2, default=str))
+
+
 def build_repository(artifacts_dir: str | Path, repository: str | Path, overwrite: bool = False,
                      cfg: PipelineConfig | None = None, version: int = 1) -> Path:
     """Exports the Triton model repository for an artifacts folder.
@@ -165,6 +175,6 @@ def build_repository(artifacts_dir: str | Path, repository: str | Path, overwrit
         ensemble.export(str(repo), runtime=RetrievalRuntime(cfg), name=contract.MODEL_NAME, version=version)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    shutil.copy2(artifacts / contract.MANIFEST, repo / contract.MODEL_NAME / str(version) / contract.MANIFEST)
+    record_version_files(repo / contract.MODEL_NAME / str(version), manifest)
     LOG.info("model repository written to %s (model %r, version %d)", repo, contract.MODEL_NAME, version)
     return repo

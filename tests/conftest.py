@@ -41,6 +41,6 @@ def repository(tmp_path_factory, trained):
 @pytest.fixture(scope="session")
 def executor(repository, trained):
     """The request path loaded in-process from the exported repository (no server)."""
-    from ensemble.executor import load_model_in_process
+    from ensemble.loader import load_model_in_process
 
     return load_model_in_process(repository)

@@ -18,6 +18,7 @@ from merlin.dag import BaseOperator, ColumnSelector
 from merlin.schema import ColumnSchema, Schema
 
 from common import contract
+from common.errors import ArtifactError, ConfigError
 from ensemble.ops import ArrayOperator
 from ensemble.ops.tower import QUERY_EMBEDDING
 
@@ -45,14 +46,36 @@ def ragged_gather(indptr: np.ndarray, indices: np.ndarray, rows: np.ndarray) -> 
     return owner, indices[np.repeat(starts, lengths) + offsets]
 
 
-def use_gpu_index(index: faiss.Index) -> faiss.Index:
-    """Moves a Flat or IVF index to GPU 0 when this FAISS build has a GPU; HNSW stays on CPU."""
-    if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() < 1:
-        return index
+# FAISS's GPU k-selection handles at most this many neighbours per query (GPU_MAX_SELECTION_K in
+# 1.7.2 and 1.8); deeper searches go to the CPU copy of the index instead of failing.
+GPU_MAX_SELECTION_K = 2048
+# Per-call search parameters came with FAISS 1.7.3; the Merlin 23.08 container has 1.7.2.
+SEARCH_PARAMETERS = hasattr(faiss, "SearchParametersIVF")
+INDEX_DEVICES = ("cpu", "gpu", "auto")
+
+
+def gpu_count() -> int:
+    """GPUs this FAISS build can use (0 for a CPU-only build)."""
+    return faiss.get_num_gpus() if hasattr(faiss, "StandardGpuResources") else 0
+
+
+def place_index(index: faiss.Index, device: str) -> tuple[faiss.Index, bool]:
+    """(the index to search, whether it is on GPU) for the `index_device` setting.
+
+    Raises:
+        ConfigError: "gpu" was asked for and this FAISS build sees no GPU, or the device is unknown.
+    """
+    if device not in INDEX_DEVICES:
+        raise ConfigError(f"index_device must be one of {INDEX_DEVICES}, got {device!r}")
+    if device == "cpu" or (device == "auto" and gpu_count() < 1):
+        return index, False
+    if gpu_count() < 1:
+        raise ConfigError(f"index_device=gpu, but FAISS {faiss.__version__} sees no GPU (a CPU-only build, or no device visible)")
     if isinstance(index, faiss.IndexHNSW):
-        return index
-    LOG.info("moving the FAISS index to GPU 0")
-    return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+        LOG.warning("index_device=%s: FAISS has no GPU HNSW; the index stays on CPU", device)
+        return index, False
+    LOG.info("moving the FAISS index (%d vectors) to GPU 0", index.ntotal)
+    return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index), True
 
 
 class SearchItems(ArrayOperator, BaseOperator):
@@ -72,7 +95,8 @@ class SearchItems(ArrayOperator, BaseOperator):
     """
 
     # Loaded by load_artifacts, never pickled into the ensemble.
-    _RUNTIME = ("_index", "_item_ids", "_id_order", "_sorted_ids", "_seen_users", "_seen_indptr", "_seen_indices")
+    _RUNTIME = ("_index", "_cpu_index", "_device_max_k", "_item_ids", "_id_order", "_sorted_ids", "_seen_users",
+                "_seen_indptr", "_seen_indices")
 
     def __init__(self, index_path: str | Path, item_ids_path: str | Path, seen_path: str | Path, search_params: dict | None = None):
         super().__init__()
@@ -80,6 +104,7 @@ class SearchItems(ArrayOperator, BaseOperator):
         self.item_ids_path = str(item_ids_path)
         self.seen_path = str(seen_path)
         self.search_params = dict(search_params or {})
+        self.device = "cpu"  # index_device, set by the loader from the model config
         self._index = None
 
     def __getstate__(self) -> dict:
@@ -87,6 +112,7 @@ class SearchItems(ArrayOperator, BaseOperator):
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
+        self.__dict__.setdefault("device", "cpu")
         self._index = None
 
     def save_artifacts(self, artifact_path: str) -> None:
@@ -98,12 +124,17 @@ class SearchItems(ArrayOperator, BaseOperator):
             return Path(artifact_path) / Path(path).name if artifact_path else Path(path)
 
         faiss.cvar.distance_compute_blas_threshold = NO_BLAS_BELOW
-        index = faiss.read_index(str(where(self.index_path)))
+        try:
+            index = faiss.read_index(str(where(self.index_path)))
+        except RuntimeError as e:  # FAISS raises RuntimeError with a C++ message and no file name
+            raise ArtifactError(f"{where(self.index_path)} is not a readable FAISS index: {str(e).splitlines()[0]}") from None
         if "nprobe" in self.search_params:
             faiss.extract_index_ivf(index).nprobe = int(self.search_params["nprobe"])
         if "ef_search" in self.search_params:
             index.hnsw.efSearch = int(self.search_params["ef_search"])
-        self._index = use_gpu_index(index)
+        self._cpu_index = index
+        self._index, on_gpu = place_index(index, self.device)
+        self._device_max_k = GPU_MAX_SELECTION_K if on_gpu else None
         self._item_ids = np.load(where(self.item_ids_path)).astype(np.int64)
         self._id_order = np.argsort(self._item_ids, kind="stable")
         self._sorted_ids = self._item_ids[self._id_order]
@@ -112,11 +143,20 @@ class SearchItems(ArrayOperator, BaseOperator):
             self._seen_indptr = seen["indptr"].astype(np.int64)
             self._seen_indices = seen["indices"].astype(np.int64)
         if self._index.ntotal != len(self._item_ids):
-            raise ValueError(f"index holds {self._index.ntotal} vectors but there are {len(self._item_ids)} item ids")
+            raise ArtifactError(f"{where(self.index_path)} holds {self._index.ntotal} vectors but {where(self.item_ids_path)} "
+                                f"has {len(self._item_ids)} item ids")
 
     @property
     def n_items(self) -> int:
         return len(self._item_ids)
+
+    def describe(self) -> str:
+        """Index, device and how search settings are passed (for the load log)."""
+        ivf = faiss.try_extract_index_ivf(self._cpu_index) if hasattr(faiss, "try_extract_index_ivf") else None
+        kind = f"IVF{ivf.nlist} nprobe {ivf.nprobe}" if ivf is not None else type(self._cpu_index).__name__
+        device = f"GPU 0 (searches deeper than {GPU_MAX_SELECTION_K} on CPU)" if self._device_max_k else "CPU"
+        params = "per-call SearchParameters" if SEARCH_PARAMETERS else "no SearchParameters (FAISS < 1.7.3): wider probes set on the index"
+        return f"FAISS {faiss.__version__}, {self.n_items} items, {kind} on {device}, {params}"
 
     def compute_input_schema(self, root_schema, parents_schema, deps_schema, selector) -> Schema:
         names = [QUERY_EMBEDDING, TOP_K, contract.INPUT_USER_ID, contract.INPUT_EXCLUDE, EXCLUDE_SEEN]
@@ -208,17 +248,36 @@ class SearchItems(ArrayOperator, BaseOperator):
         return keep
 
     def _raw_search(self, queries: np.ndarray, depth: int, widen: int) -> tuple[np.ndarray, np.ndarray]:
-        """FAISS search; widen > 1 multiplies nprobe / efSearch for this call only."""
+        """FAISS search; widen > 1 multiplies nprobe / efSearch for this call only.
+
+        A GPU index searches at most GPU_MAX_SELECTION_K deep; deeper calls, and wider probes
+        (which GPU FAISS takes no per-call parameters for), use the CPU copy of the index.
+        """
         if depth == 0:
             return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
-        params = None
-        if widen > 1:
-            ivf = faiss.try_extract_index_ivf(self._index)
-            if ivf is not None:
-                params = faiss.SearchParametersIVF(nprobe=min(ivf.nlist, ivf.nprobe * widen))
-            elif isinstance(self._index, faiss.IndexHNSW):
-                params = faiss.SearchParametersHNSW(efSearch=self._index.hnsw.efSearch * widen)
-        return self._index.search(queries, depth, params=params)
+        deep = self._device_max_k is not None and depth > self._device_max_k
+        index = self._cpu_index if (deep or widen > 1) else self._index
+        if widen == 1:
+            return index.search(queries, depth)
+        ivf = faiss.try_extract_index_ivf(index) if hasattr(faiss, "try_extract_index_ivf") else None
+        if ivf is not None:
+            owner, attr, value = ivf, "nprobe", min(ivf.nlist, ivf.nprobe * widen)
+            params = faiss.SearchParametersIVF(nprobe=value) if SEARCH_PARAMETERS else None
+        elif isinstance(index, faiss.IndexHNSW):
+            owner, attr, value = index.hnsw, "efSearch", index.hnsw.efSearch * widen
+            params = faiss.SearchParametersHNSW(efSearch=value) if SEARCH_PARAMETERS else None
+        else:
+            return index.search(queries, depth)
+        if params is not None:
+            return index.search(queries, depth, params=params)
+        # FAISS < 1.7.3: set the wider probe on the index for this call and put it back. A model
+        # instance runs one batch at a time, so no other search sees the change.
+        before = getattr(owner, attr)
+        setattr(owner, attr, value)
+        try:
+            return index.search(queries, depth)
+        finally:
+            setattr(owner, attr, before)
 
     def run(self, columns: dict) -> dict:
         ids, scores = self.search(columns[QUERY_EMBEDDING], columns[TOP_K], columns.get(contract.INPUT_USER_ID),

@@ -14,7 +14,9 @@ the SavedModel's signature on the request path instead.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,7 @@ from merlin.dag import ColumnSelector
 from merlin.schema import ColumnSchema, Schema
 from merlin.systems.dag.ops.tensorflow import PredictTensorflow
 
+from common.errors import ArtifactError
 from ensemble.ops import ArrayOperator
 
 LOG = logging.getLogger(__name__)
@@ -75,8 +78,16 @@ class NumpyTower:
 
 
 def configure_threads(threads: int) -> None:
-    """Sets TensorFlow's thread pools; only possible before TensorFlow runs its first op."""
+    """Sets TensorFlow's thread pools, and on a GPU lets it grow its memory instead of taking it
+    all (the FAISS index shares the GPU); only possible before TensorFlow runs its first op."""
+    os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
     import tensorflow as tf
+
+    for gpu in tf.config.list_physical_devices("GPU"):
+        try:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except RuntimeError:
+            LOG.debug("TensorFlow already initialized %s; memory growth unchanged", gpu.name)
 
     try:
         tf.config.threading.set_intra_op_parallelism_threads(threads)
@@ -127,8 +138,11 @@ class QueryTower(ArrayOperator, PredictTensorflow):
     def load_artifacts(self, artifact_path: str | None = None) -> None:
         if self.runtime == "numpy":  # TensorFlow's model is not needed on the request path then
             compiled = Path(artifact_path) / COMPILED_FILE if artifact_path else Path(self.compiled_path)
-            with np.load(compiled) as arrays:
-                self._numpy = NumpyTower({k: arrays[k] for k in arrays.files})
+            try:
+                with np.load(compiled) as arrays:
+                    self._numpy = NumpyTower({k: arrays[k] for k in arrays.files})
+            except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+                raise ArtifactError(f"{compiled} is not a readable compiled tower: {type(e).__name__}: {e}") from None
             return
         import tensorflow as tf
 

@@ -51,7 +51,7 @@ def _versions_seen(loop):
 
 def test_switch_and_rollback_under_load(repository, trained, retrained, tmp_path):
     from ensemble import deploy
-    from ensemble.executor import load_model_in_process
+    from ensemble.loader import load_model_in_process
     from ensemble.server import TritonServer
     from tests.integration.conftest import free_serve_config
 

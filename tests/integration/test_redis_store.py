@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from common import contract
-from common.errors import ArtifactError
+from common.errors import FeatureStoreError
 
 pytestmark = pytest.mark.integration
 
@@ -46,7 +46,7 @@ def redis_url(tmp_path_factory):
 def redis_repository(trained, redis_url, tmp_path_factory):
     from common.manifest import artifacts_config, read_manifest
     from ensemble.build import build_repository
-    from ensemble.executor import store_namespace
+    from ensemble.loader import store_namespace
     from ensemble.redis_store import materialize
 
     manifest = read_manifest(trained["artifacts"])
@@ -66,7 +66,7 @@ def _requests(trained):
 
 
 def test_redis_lookup_equals_embedded_in_process(redis_repository, executor, trained):
-    from ensemble.executor import load_model_in_process
+    from ensemble.loader import load_model_in_process
     from ensemble.redis_store import RedisFeatureStore
 
     with_redis = load_model_in_process(redis_repository)
@@ -91,10 +91,42 @@ def test_redis_backed_server_answers_like_the_embedded_one(redis_repository, exe
     assert recs.unknown_user.tolist() == [False] * 10 + [True]
 
 
-def test_a_namespace_never_materialized_is_a_clear_error(redis_url):
+def test_a_namespace_never_materialized_fails_each_call_clearly(redis_url):
     from ensemble.redis_store import RedisFeatureStore
 
-    with pytest.raises(ArtifactError, match="holds no features under retrieval:nope; run `python -m ensemble materialize`"):
-        RedisFeatureStore(redis_url, "retrieval:nope", ("user_age",))
-    with pytest.raises(ArtifactError, match="cannot reach the feature store"):
-        RedisFeatureStore("redis://127.0.0.1:1/0", "retrieval:nope", ("user_age",))
+    store = RedisFeatureStore(redis_url, "retrieval:nope", ("user_age",))  # loads: readiness says the rest
+    with pytest.raises(FeatureStoreError, match=r"holds no features under retrieval:nope \(flushed, or never materialized"):
+        store.get(np.array([1, 2]))
+
+
+def test_an_unreachable_store_fails_within_its_timeout(redis_url):
+    from ensemble.redis_store import RedisFeatureStore
+    from ensemble.server import free_port
+
+    store = RedisFeatureStore(f"redis://127.0.0.1:{free_port()}/0", "retrieval:nope", ("user_age",), timeout_s=0.2)
+    with pytest.raises(FeatureStoreError, match=r"cannot reach redis://127\.0\.0\.1:\d+/0: Error 111 connecting"):
+        store.get(np.array([1]))
+
+
+def test_a_frozen_store_answers_unavailable_within_its_timeout(redis_url, redis_repository, trained):
+    """SIGSTOP leaves the socket open and silent: the call must give up after timeout_s."""
+    import os
+    import signal
+
+    from common.manifest import read_manifest
+    from ensemble.loader import store_namespace
+    from ensemble.redis_store import RedisFeatureStore
+
+    manifest = read_manifest(trained["artifacts"])
+    store = RedisFeatureStore(redis_url, store_namespace(manifest), tuple(trained["cfg"].data.user_features), timeout_s=0.3)
+    store.get(np.array([1]))
+    pid = int(__import__("redis").Redis.from_url(redis_url).info("server")["process_id"])
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        with pytest.raises(FeatureStoreError, match=r"did not answer within 0.3 s"):
+            store.get(np.array([1]))
+        assert time.monotonic() - started < 1.5
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    store.get(np.array([1]))  # the same store answers again once Redis does

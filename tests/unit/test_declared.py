@@ -83,7 +83,7 @@ def test_a_declared_dataset_runs_through_training_export_and_serving(tmp_path):
     """Other column names, CSV + parquet, ratings as labels, split by time: no code change."""
     from common import contract
     from ensemble.build import build_repository
-    from ensemble.executor import load_model_in_process
+    from ensemble.loader import load_model_in_process
     from train.pipeline import run_training
 
     root = write_dataset(tmp_path / "shop")

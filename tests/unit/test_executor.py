@@ -8,7 +8,7 @@ from merlin.table import TensorTable
 
 from common import contract
 from common.errors import RequestError
-from ensemble.executor import Limits, merge, parse_parameters, parse_request, split
+from ensemble.request import Limits, merge, parse_parameters, parse_request, split
 
 LIMITS = Limits(max_batch_size=4, default_top_k=3, max_top_k=20, max_exclude=2)
 
@@ -193,7 +193,7 @@ def test_sent_features_replace_stored_ones(executor, trained, oracle):
 def test_protobuf_stays_compiled_on_the_request_path():
     """merlin-systems sets PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION=python when its TensorFlow op is
     imported; by then protobuf is loaded, so our processes keep the C implementation."""
-    import ensemble.executor  # noqa: F401 - the import order of the served model
+    import ensemble.loader  # noqa: F401 - the import order of the served model
     from google.protobuf.internal import api_implementation
 
     assert api_implementation.Type() != "python"

@@ -1,6 +1,7 @@
 """train.export and common.manifest: every export round-trips and is checked on load."""
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -69,22 +70,39 @@ def copy_of_artifacts(trained, tmp_path):
     return dest
 
 
-def test_manifest_checks_fail_clearly(copy_of_artifacts, tmp_path):
+def test_manifest_checks_fail_clearly(copy_of_artifacts, trained, tmp_path):
     with pytest.raises(ArtifactError, match="manifest.json is missing"):
         read_manifest(tmp_path)
     path = copy_of_artifacts / contract.MANIFEST
     manifest = json.loads(path.read_text())
-    np.save(copy_of_artifacts / contract.ARTIFACT_ITEM_EMBEDDINGS, np.zeros((3, 2), np.float32))
-    with pytest.raises(ArtifactError, match=r"item_embeddings.npy has shape \(3, 2\), manifest says"):
+    emb = copy_of_artifacts / contract.ARTIFACT_ITEM_EMBEDDINGS
+    np.save(emb, np.zeros((3, 2), np.float32))
+    with pytest.raises(ArtifactError, match=r"item_embeddings.npy has 152 bytes, the manifest recorded \d+: the file was truncated"):
+        read_manifest(copy_of_artifacts)  # 152 = 128-byte .npy header + 3 x 2 x 4 bytes
+    shutil.copy2(trained["artifacts"] / contract.ARTIFACT_ITEM_EMBEDDINGS, emb)
+    path.write_text(json.dumps({**manifest, "counts": {**manifest["counts"], "items": manifest["counts"]["items"] + 1}}))
+    with pytest.raises(ArtifactError, match=r"item_embeddings.npy has shape \(\d+, \d+\), manifest says"):
         read_manifest(copy_of_artifacts)
+    path.write_text(json.dumps(manifest))
     (copy_of_artifacts / contract.ARTIFACT_INDEX).unlink()
     with pytest.raises(ArtifactError, match=r"lacks \['items.faiss'\]"):
         read_manifest(copy_of_artifacts)
     path.write_text(json.dumps({**manifest, "format_version": 99}))
-    with pytest.raises(ArtifactError, match="format_version 99, expected 1"):
+    with pytest.raises(ArtifactError, match="format_version 99, expected 2"):
         read_manifest(copy_of_artifacts)
     path.write_text("{not json")
     with pytest.raises(ArtifactError, match="not valid JSON"):
+        read_manifest(copy_of_artifacts)
+
+
+@pytest.mark.parametrize("name", [contract.ARTIFACT_INDEX, contract.ARTIFACT_QUERY_TOWER_COMPILED, "workflow/metadata.json"])
+def test_a_file_corrupted_without_changing_size_is_named(copy_of_artifacts, name):
+    target = copy_of_artifacts / name
+    data = bytearray(target.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 8] = bytes(b ^ 0xFF for b in data[middle : middle + 8])
+    target.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match=rf"{re.escape(name)} does not match its sha256 in the manifest .*changed or corrupted after export"):
         read_manifest(copy_of_artifacts)
 
 

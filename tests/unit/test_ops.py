@@ -150,6 +150,66 @@ def test_approximate_index_short_answers_are_searched_wider(catalogue):
     assert (ids >= 0).all() and all(len(set(r)) == 200 for r in ids)
 
 
+def test_wider_probes_without_search_parameters_answer_the_same(catalogue, monkeypatch):
+    """FAISS 1.7.2 (the Merlin container's) has no SearchParameters: the wider probe is set on
+    the index for the call and put back, with the same answers as 1.8's per-call parameters."""
+    import ensemble.ops.search as search
+
+    queries = np.random.default_rng(5).normal(size=(4, 8)).astype(np.float32)
+    with_params = _search_op(catalogue, "ivf.faiss", {"nprobe": 1}).search(queries, np.full(4, 200))
+    monkeypatch.setattr(search, "SEARCH_PARAMETERS", False)
+    monkeypatch.setattr(search.faiss, "SearchParametersIVF", None)  # any use of it would now fail
+    op = _search_op(catalogue, "ivf.faiss", {"nprobe": 1})
+    without = op.search(queries, np.full(4, 200))
+    np.testing.assert_array_equal(without[0], with_params[0])
+    np.testing.assert_array_equal(without[1], with_params[1])
+    assert faiss.extract_index_ivf(op._index).nprobe == 1  # the wider probe was put back
+    assert "no SearchParameters (FAISS < 1.7.3)" in op.describe()
+
+
+class _DepthLimited:
+    """Stands in for a GPU index: FAISS's GPU k-selection refuses k above its limit."""
+
+    def __init__(self, index, max_k):
+        self.index, self.max_k, self.calls = index, max_k, []
+
+    def search(self, queries, k, **kwargs):
+        self.calls.append(k)
+        assert k <= self.max_k, f"k={k} over the device limit {self.max_k}"
+        return self.index.search(queries, k, **kwargs)
+
+
+def test_searches_deeper_than_the_gpu_limit_go_to_the_cpu_copy(catalogue):
+    """top_k + exclusions + seen items + the tie margin can pass GPU_MAX_SELECTION_K (2048): those
+    calls use the CPU copy, every other call the device index, and the answer is the same."""
+    _, vectors, raw_ids = catalogue
+    op = _search_op(catalogue)
+    queries = np.random.default_rng(6).normal(size=(2, 8)).astype(np.float32)
+    expected = op.search(queries, np.array([5, 40]))
+    device = _DepthLimited(op._index, max_k=32)
+    op._index, op._device_max_k = device, 32
+    shallow = op.search(queries, np.array([5, 5]))  # depth 5 + 8 = 13: on the device
+    deep = op.search(queries, np.array([5, 40]))  # depth 40 + 8 = 48 > 32: on the CPU copy
+    assert device.calls == [13]
+    np.testing.assert_array_equal(shallow[0], expected[0][:, :5])
+    np.testing.assert_array_equal(deep[0], expected[0])
+    np.testing.assert_array_equal(deep[1], expected[1])
+
+
+def test_index_device_settings_are_checked(catalogue):
+    from common.errors import ConfigError
+    from ensemble.ops.search import gpu_count, place_index
+
+    index = faiss.read_index(str(catalogue[0] / "flat.faiss"))
+    assert place_index(index, "cpu") == (index, False)
+    with pytest.raises(ConfigError, match=r"index_device must be one of \('cpu', 'gpu', 'auto'\), got 'tpu'"):
+        place_index(index, "tpu")
+    if gpu_count() == 0:
+        assert place_index(index, "auto") == (index, False)
+        with pytest.raises(ConfigError, match=r"index_device=gpu, but FAISS [\d.]+ sees no GPU"):
+            place_index(index, "gpu")
+
+
 def test_stock_query_faiss_flattens_the_batch_and_has_no_scores(catalogue):
     root, vectors, _ = catalogue
     stock = QueryFaiss(root / "flat.faiss", topk=5)
