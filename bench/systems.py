@@ -74,7 +74,7 @@ def reference_inputs(artifacts: Path, n: int, seed: int) -> tuple[list[dict], di
 
 def in_process(repository: Path, artifacts: Path, n_requests: int, seed: int) -> dict:
     """Our request path with no server: one user per request, sequential."""
-    from ensemble.executor import load_model_in_process
+    from ensemble.loader import load_model_in_process
 
     executor = load_model_in_process(repository)
     users = pd.read_parquet(artifacts / contract.ARTIFACT_USER_FEATURES).iloc[:, 0].sample(n_requests, replace=True, random_state=seed)
