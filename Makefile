@@ -23,11 +23,12 @@ BENCH_ITEMS ?= 1000000
 BENCH_FLAGS ?=
 SOAK_DURATION_S ?= 600
 SOAK_CONCURRENCY ?= 16
+HEALTH_PORT ?= 8003
 
 export PYTHONPATH := $(CURDIR)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help venv train eval fetch-movielens ensemble serve deploy rollback client demo soak bench test test-unit test-integration clean
+.PHONY: help venv train eval fetch-movielens ensemble serve health deploy rollback client demo soak bench test test-unit test-integration clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-18s %s\n", $$1, $$2}'
@@ -53,9 +54,12 @@ fetch-movielens: $(STAMP) ## MovieLens-100k as declared-dataset files in $(BUILD
 ensemble: $(STAMP) ## build the Triton model repository $(REPOSITORY) from $(ARTIFACTS)
 	$(PY) -m ensemble build --artifacts $(ARTIFACTS) --repository $(REPOSITORY) --overwrite $(CONFIG_FLAG)
 
-serve: $(STAMP) ## run tritonserver on $(REPOSITORY) in the foreground (Ctrl-C stops it)
+serve: $(STAMP) ## run tritonserver on $(REPOSITORY) supervised, in the foreground; readiness at :$(HEALTH_PORT)/ready (Ctrl-C stops it)
 	$(PY) -m ensemble serve --repository $(REPOSITORY) --host $(HOST) --model-control $(MODEL_CONTROL) \
-		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) $(CONFIG_FLAG)
+		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) --health-port $(HEALTH_PORT) $(CONFIG_FLAG)
+
+health: $(STAMP) ## one canary request through the served model (exit 0: it answers)
+	$(PY) -m ensemble health --url $(HOST):$(HTTP_PORT)
 
 deploy: $(STAMP) ## add $(ARTIFACTS) as the next version of $(REPOSITORY) and switch a running server (MODEL_CONTROL=explicit) to it
 	$(PY) -m ensemble deploy --repository $(REPOSITORY) --artifacts $(ARTIFACTS) --url $(HOST):$(GRPC_PORT)

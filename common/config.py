@@ -306,7 +306,7 @@ class ServeConfig:
     index_device: str = "cpu"
     ready_timeout_s: float = 180.0
     health_port: int = contract.DEFAULT_HEALTH_PORT
-    canary_interval_s: float = 2.0
+    canary_interval_s: float = 1.0
     canary_timeout_s: float = 5.0
     recover_after_failures: int = 2
     max_restarts: int = 10

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from common import contract
 from common.cli import add_config_args, config_from_args, run_cli
 
 
@@ -22,9 +23,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     serve.add_argument("--http-port", type=int)
     serve.add_argument("--grpc-port", type=int)
     serve.add_argument("--metrics-port", type=int)
+    serve.add_argument("--health-port", type=int, help="the supervisor's /live and /ready (default 8003)")
+    serve.add_argument("--no-supervise", action="store_true",
+                       help="run tritonserver alone: no restart on a crash, no canary readiness (for debugging)")
     serve.add_argument("--model-control", choices=("none", "explicit"), default="none",
                        help="explicit turns on Triton's load/unload API (for `deploy`); off by default")
     add_config_args(serve)
+    health = sub.add_parser("health", help="send one canary request through the model; exit 0 when it answers")
+    health.add_argument("--url", default=f"127.0.0.1:{contract.DEFAULT_HTTP_PORT}", help="Triton's HTTP host:port")
+    health.add_argument("--user-id", type=int, default=0, help="the user to ask for")
+    health.add_argument("--known", action="store_true", help="the user is known: an unknown_user answer fails the check")
+    health.add_argument("--timeout-s", type=float, default=5.0)
     mat = sub.add_parser("materialize", help="write an export's user features to a shared Redis feature store")
     mat.add_argument("--artifacts", required=True, type=Path)
     mat.add_argument("--redis", required=True, help="redis://host:port/db")
@@ -43,6 +52,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.command == "health":
+        from ensemble.health import canary
+
+        result = canary(args.url, args.user_id, args.known, args.timeout_s)
+        print(f"{'ready' if result.ok else 'not ready'} ({result.kind}): {result.detail}")
+        return 0 if result.ok else 1
     if args.command == "build":
         from common.manifest import artifacts_config, read_manifest
         from ensemble.build import build_repository
@@ -52,7 +67,6 @@ def main(argv=None) -> int:
         build_repository(args.artifacts, args.repository, overwrite=args.overwrite, cfg=config_from_args(args, base=base))
         return 0
     if args.command == "materialize":
-        from common import contract
         from common.manifest import read_manifest
         from ensemble.loader import store_namespace
         from ensemble.redis_store import materialize
@@ -70,16 +84,19 @@ def main(argv=None) -> int:
             version = deploy.deploy(args.repository, args.artifacts, args.url)
         elif args.command == "rollback":
             version = deploy.rollback(args.repository, args.url)
+        elif not deploy.activate(args.repository, args.version, args.url):
+            print(f"version {args.version} of {args.repository} is already being served; nothing changed")
+            return 0
         else:
-            deploy.activate(args.repository, args.version, args.url)
             version = args.version
         print(f"serving version {version} of {args.repository}")
         return 0
-    flags = {"host": args.host, "http_port": args.http_port, "grpc_port": args.grpc_port, "metrics_port": args.metrics_port}
+    flags = {"host": args.host, "http_port": args.http_port, "grpc_port": args.grpc_port, "metrics_port": args.metrics_port,
+             "health_port": args.health_port}
     cfg = config_from_args(args, [f"serve.{k}={v}" for k, v in flags.items() if v is not None])
     from ensemble.server import serve_forever
 
-    return serve_forever(args.repository, cfg.serve, args.model_control)
+    return serve_forever(args.repository, cfg.serve, args.model_control, supervise=not args.no_supervise)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import nvtabular as nvt
+import pandas as pd
 import tritonclient.grpc.model_config_pb2 as model_config
 from google.protobuf import text_format
 from merlin.schema import ColumnSchema, Schema
@@ -75,8 +76,10 @@ def build_ensemble(artifacts: Path, scratch: Path, cfg: PipelineConfig, manifest
     return Ensemble(outputs, input_schema(data.user_features))
 
 
-def executor_config(cfg: PipelineConfig, name: str = contract.MODEL_NAME) -> model_config.ModelConfig:
-    """config.pbtxt of the executor model, from the contract and the serve settings."""
+def executor_config(cfg: PipelineConfig, name: str = contract.MODEL_NAME, canary_user_id: int | None = None) -> model_config.ModelConfig:
+    """config.pbtxt of the executor model, from the contract and the serve settings.
+
+    `canary_user_id`, a user known in training, is what the health canary asks for."""
     serve = cfg.serve
     dt = model_config.DataType.Value
     config = model_config.ModelConfig(
@@ -104,15 +107,18 @@ def executor_config(cfg: PipelineConfig, name: str = contract.MODEL_NAME) -> mod
         "index_device": serve.index_device,
     }.items():
         config.parameters[key].string_value = str(value)
+    if canary_user_id is not None:
+        config.parameters["canary_user_id"].string_value = str(int(canary_user_id))
     return config
 
 
 class RetrievalRuntime(TritonExecutorRuntime):
     """merlin's executor runtime, exporting our executor model instead of merlin's."""
 
-    def __init__(self, cfg: PipelineConfig):
+    def __init__(self, cfg: PipelineConfig, canary_user_id: int | None = None):
         super().__init__()
         self.cfg = cfg
+        self.canary_user_id = canary_user_id
         self._version = 1
 
     def export(self, ensemble, path: str, version: int = 1, name: str = None):
@@ -126,7 +132,7 @@ class RetrievalRuntime(TritonExecutorRuntime):
         model_dir = Path(path) / export_name
         version_dir = model_dir / str(version)
         version_dir.mkdir(parents=True, exist_ok=True)
-        config = executor_config(self.cfg, export_name)
+        config = executor_config(self.cfg, export_name, self.canary_user_id)
         config.version_policy.specific.versions.append(version)  # the version to serve; see ensemble.deploy
         (model_dir / "config.pbtxt").write_text(text_format.MessageToString(config))
         (model_dir / f"config.v{version}.pbtxt").write_text(text_format.MessageToString(config))
@@ -141,7 +147,8 @@ class RetrievalRuntime(TritonExecutorRuntime):
 def record_version_files(version_dir: Path, manifest: dict) -> None:
     """Writes the version folder's manifest: the artifacts' manifest plus the size and sha256 of
     every file the version serves (model.py, vendored code, ensemble), checked at every load."""
-    served = {**manifest, "repository_files": file_digests(version_dir)}
+    files = {name: digest for name, digest in file_digests(version_dir).items() if name != contract.MANIFEST}
+    served = {**{k: v for k, v in manifest.items() if k != "repository_files"}, "repository_files": files}
     (version_dir / contract.MANIFEST).write_text(json.dumps(served, indent=2, default=str))
 
 
@@ -172,7 +179,9 @@ def build_repository(artifacts_dir: str | Path, repository: str | Path, overwrit
     scratch.mkdir(parents=True)
     try:
         ensemble = build_ensemble(artifacts, scratch, cfg, manifest)
-        ensemble.export(str(repo), runtime=RetrievalRuntime(cfg), name=contract.MODEL_NAME, version=version)
+        users = pd.read_parquet(artifacts / contract.ARTIFACT_USER_FEATURES, columns=[cfg.data.user_id])[cfg.data.user_id]
+        canary = int(users.iloc[0]) if len(users) else None
+        ensemble.export(str(repo), runtime=RetrievalRuntime(cfg, canary), name=contract.MODEL_NAME, version=version)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     record_version_files(repo / contract.MODEL_NAME / str(version), manifest)

@@ -85,36 +85,87 @@ def _config_for(repository: Path, version: int) -> mc.ModelConfig:
     return text_format.Parse(source.read_text(), mc.ModelConfig())
 
 
-def activate(repository: Path, version: int, url: str, timeout_s: float = 300.0) -> None:
+def _admin_headers() -> dict[str, str] | None:
+    """The header that opens the model-repository API of a server started with the same key."""
+    from ensemble.server import ADMIN_KEY_ENV, GRPC_ADMIN_KEY_HEADER
+
+    key = os.environ.get(ADMIN_KEY_ENV)
+    return {GRPC_ADMIN_KEY_HEADER: key} if key else None
+
+
+def _served_version(client) -> int | None:
+    """The version the server has loaded and ready now (None when none is)."""
+    try:
+        index = client.get_model_repository_index(headers=_admin_headers(), as_json=True)
+    except Exception:  # noqa: BLE001 - tritonclient's own exception type
+        return None
+    ready = [int(m["version"]) for m in index.get("models", []) if m.get("name") == contract.MODEL_NAME
+             and m.get("state") == "READY" and str(m.get("version", "")).isdigit()]
+    return max(ready) if ready else None
+
+
+def activate(repository: Path, version: int, url: str, timeout_s: float = 300.0) -> bool:
     """Switches a running server (explicit model control, gRPC at url) to `version`.
 
+    Atomic from the outside: the version folder is checked against its manifest before
+    anything changes, and when the server cannot serve the new version, the previous config is
+    written back and the server loaded with it again, so config, loaded version and readiness
+    are exactly as before. Activating the version already served changes nothing.
+
+    Returns:
+        True when the server switched; False when it already served `version`.
+
     Raises:
-        ArtifactError: the version folder does not exist.
+        ArtifactError: the version folder does not exist or fails its checksums.
         ServerError: the server refused the load or did not serve the version in time.
     """
     import tritonclient.grpc as grpcclient
 
+    from ensemble.loader import verify_version
+
     repository = Path(repository)
     if version not in versions(repository):
         raise ArtifactError(f"{repository} has no version {version}; it has {versions(repository)}")
+    verify_version(repository / contract.MODEL_NAME / str(version))
     previous = active_version(repository)
-    write_config(repository, _config_for(repository, version), version)
     client = grpcclient.InferenceServerClient(url)
     try:
+        served = _served_version(client)
+        if previous == version and served == version:
+            LOG.info("version %d is already being served by %s; nothing to do", version, url)
+            return False
+        previous_config = read_config(repository)
+        write_config(repository, _config_for(repository, version), version)
         started = time.monotonic()
-        client.load_model(contract.MODEL_NAME)
-        while time.monotonic() - started < timeout_s:
-            if client.is_model_ready(contract.MODEL_NAME, str(version)):
-                LOG.info("serving version %d (was %s) after %.1f s", version, previous, time.monotonic() - started)
-                return
-            time.sleep(0.2)
-    except Exception as e:  # noqa: BLE001 - tritonclient raises its own exception type
-        if previous is not None:
-            write_config(repository, _config_for(repository, previous), previous)
-        raise ServerError(f"the server at {url} did not switch to version {version}: {e}") from e
+        try:
+            client.load_model(contract.MODEL_NAME, headers=_admin_headers())
+            while not client.is_model_ready(contract.MODEL_NAME, str(version)):
+                if time.monotonic() - started > timeout_s:
+                    raise ServerError(f"version {version} was not ready after {timeout_s:.0f} s")
+                time.sleep(0.2)
+        except Exception as e:  # noqa: BLE001 - tritonclient raises its own exception type
+            _restore(repository, previous_config)
+            if isinstance(e, ServerError):
+                raise
+            reason = str(e).split("\n\nAt:")[0].strip()  # Triton appends the Python stack of initialize
+            raise ServerError(f"the server at {url} did not switch to version {version}: {reason}; "
+                              f"it still serves version {previous}") from None
+        LOG.info("serving version %d (was %s) after %.1f s", version, previous, time.monotonic() - started)
+        return True
     finally:
         client.close()
-    raise ServerError(f"version {version} was not ready after {timeout_s:.0f} s")
+
+
+def _restore(repository: Path, config: mc.ModelConfig) -> None:
+    """Writes the previous config back, and asks nothing of the server: after a failed load
+    Triton keeps serving the previous version, and loading that same version again while it
+    serves crashes tritonserver 2.51 (SIGSEGV when the old instance unloads). Triton's table
+    keeps the failed version's state, which is why the server runs with
+    --strict-readiness=false and readiness that tells the truth comes from the canary."""
+    target = Path(repository) / contract.MODEL_NAME / "config.pbtxt"
+    tmp = target.with_suffix(".pbtxt.tmp")
+    tmp.write_text(text_format.MessageToString(config))
+    os.replace(tmp, target)
 
 
 def deploy(repository: Path, artifacts: Path, url: str, cfg: PipelineConfig | None = None) -> int:

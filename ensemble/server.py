@@ -8,8 +8,13 @@ on PATH, which is how the stub finds our interpreter and its packages.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import json
 import logging
 import os
+import re
+import secrets
 import shutil
 import signal
 import socket
@@ -30,47 +35,93 @@ from common.errors import ServerError
 LOG = logging.getLogger(__name__)
 
 
-def pytriton_root() -> Path:
-    """Folder of the tritonserver distribution inside the nvidia-pytriton wheel."""
-    import pytriton
+@dataclass(frozen=True)
+class ServerStack:
+    """Where tritonserver, its Python backend and the stub's interpreter come from.
 
-    root = Path(pytriton.__file__).parent / "tritonserver"
-    if not (root / "bin" / "tritonserver").is_file():
-        raise ServerError(f"no tritonserver binary under {root}; is nvidia-pytriton installed?")
-    return root
+    Attributes:
+        python: the interpreter the Python-backend stub runs our model with; its environment
+            holds nvidia-pytriton (unless `system_binary`) and the model's libraries.
+        root: the tritonserver distribution inside that environment's nvidia-pytriton wheel.
+        libs: the wheel's bundled shared libraries.
+        libdir: the interpreter's LIBDIR (libpython for the stub).
+        version: the interpreter's major.minor.
+        system_binary: a tritonserver installed with its own backends (a Triton container's);
+            then no backend directory is assembled.
+    """
+
+    python: Path
+    root: Path | None
+    libs: Path | None
+    libdir: str
+    version: str
+    system_binary: Path | None = None
+
+    @property
+    def binary(self) -> Path:
+        return self.system_binary or self.root / "bin" / "tritonserver"
+
+    @classmethod
+    def current(cls) -> "ServerStack":
+        """This interpreter's stack; $TRITONSERVER names a system tritonserver (inside a Triton
+        container) whose own backends are used."""
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        libdir = sysconfig.get_config_var("LIBDIR") or ""
+        if os.environ.get("TRITONSERVER"):
+            return cls(Path(sys.executable), None, None, libdir, version, system_binary=Path(os.environ["TRITONSERVER"]))
+        try:
+            import pytriton
+        except ImportError:
+            raise ServerError("nvidia-pytriton is not installed and $TRITONSERVER is not set; no tritonserver to run") from None
+        root = Path(pytriton.__file__).parent / "tritonserver"
+        return cls(Path(sys.executable), root, root.parent.parent / "nvidia_pytriton.libs", libdir, version)
+
+    @classmethod
+    def of_python(cls, python: str | Path) -> "ServerStack":
+        """The stack of another interpreter (another virtualenv), asked from that interpreter."""
+        code = ("import json, sys, sysconfig, pathlib, pytriton; r = pathlib.Path(pytriton.__file__).parent; "
+                "print(json.dumps([str(r / 'tritonserver'), str(r.parent / 'nvidia_pytriton.libs'), "
+                "sysconfig.get_config_var('LIBDIR') or '', '%d.%d' % sys.version_info[:2]]))")
+        try:
+            out = subprocess.run([str(python), "-c", code], capture_output=True, text=True, check=True, timeout=60).stdout
+        except (OSError, subprocess.SubprocessError) as e:
+            raise ServerError(f"cannot ask {python} where its tritonserver is: {e}") from None
+        root, libs, libdir, version = json.loads(out.strip().splitlines()[-1])
+        return cls(Path(python), Path(root), Path(libs), libdir, version)
 
 
-def tritonserver_binary() -> Path:
-    """tritonserver from $TRITONSERVER, from PATH inside a Triton container, or from the wheel."""
-    if os.environ.get("TRITONSERVER"):
-        return Path(os.environ["TRITONSERVER"])
-    return pytriton_root() / "bin" / "tritonserver"
+@functools.lru_cache(maxsize=8)
+def tritonserver_flags(stack: ServerStack) -> frozenset[str]:
+    """The command-line flags the stack's tritonserver knows (read from its --help)."""
+    try:
+        out = subprocess.run([str(stack.binary), "--help"], capture_output=True, text=True, timeout=60,
+                             env=server_environment(stack))
+    except (OSError, subprocess.SubprocessError) as e:
+        raise ServerError(f"cannot run {stack.binary} --help: {e}") from None
+    return frozenset(re.findall(r"(--[a-z][a-z0-9-]+)", out.stdout + out.stderr))
 
 
-def prepare_backends(dest: Path) -> Path:
-    """Lays out `dest/python/` with the Python backend and this interpreter's stub."""
-    root = pytriton_root()
-    version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
+def prepare_backends(dest: Path, stack: ServerStack | None = None) -> Path:
+    """Lays out `dest/python/` with the Python backend and the stack's stub."""
+    stack = stack or ServerStack.current()
+    stub = stack.root / "python_backend_stubs" / stack.version / "triton_python_backend_stub"
     if not stub.is_file():
-        raise ServerError(f"the nvidia-pytriton wheel has no Python backend stub for Python {version}")
+        raise ServerError(f"the nvidia-pytriton wheel under {stack.root} has no Python backend stub for Python {stack.version}")
     python_dir = dest / "python"
     python_dir.mkdir(parents=True, exist_ok=True)
     for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
-        shutil.copy2(root / "backends" / "python" / name, python_dir / name)
+        shutil.copy2(stack.root / "backends" / "python" / name, python_dir / name)
     shutil.copy2(stub, python_dir / "triton_python_backend_stub")
     return dest
 
 
-def server_environment() -> dict[str, str]:
-    """Environment for tritonserver: the wheel's libraries and this venv first on PATH."""
-    import pytriton
-
+def server_environment(stack: ServerStack | None = None) -> dict[str, str]:
+    """Environment for tritonserver: the wheel's libraries and the stack's interpreter first on PATH."""
+    stack = stack or ServerStack.current()
     env = dict(os.environ)
-    libs = Path(pytriton.__file__).parent.parent / "nvidia_pytriton.libs"
-    libdir = sysconfig.get_config_var("LIBDIR") or ""
-    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(libs), libdir, env.get("LD_LIBRARY_PATH", "")) if p)
-    env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
+    if stack.system_binary is None:
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(stack.libs), stack.libdir, env.get("LD_LIBRARY_PATH", "")) if p)
+    env["PATH"] = os.pathsep.join((str(stack.python.parent), env.get("PATH", "")))
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     return env
 
@@ -93,28 +144,67 @@ def free_port(host: str = contract.DEFAULT_HOST) -> int:
         return s.getsockname()[1]
 
 
-def server_command(binary: Path, repository: Path, backends: Path, cfg: ServeConfig, model_control: str = "none",
-                   model: str = contract.MODEL_NAME) -> list[str]:
+# What a retrieval client never needs: closed to anyone without the admin key. Registering the
+# backend's own shared-memory region and writing an output into it crashed tritonserver 2.51.
+RESTRICTED_APIS = ("shared-memory", "model-repository", "logging", "trace")
+ADMIN_KEY_HEADER = "admin-key"  # HTTP header of the restricted APIs
+GRPC_ADMIN_KEY_HEADER = f"triton-grpc-protocol-{ADMIN_KEY_HEADER}"  # gRPC metadata key: Triton prefixes it
+ADMIN_KEY_ENV = "RETRIEVAL_ADMIN_KEY"
+
+
+def admin_key() -> str:
+    """The value clients must send in the `admin-key` header to reach the restricted APIs:
+    $RETRIEVAL_ADMIN_KEY, or a random one nobody knows (the APIs are then closed to everyone)."""
+    return os.environ.get(ADMIN_KEY_ENV) or secrets.token_hex(16)
+
+
+def server_command(binary: Path, repository: Path, backends: Path | None, cfg: ServeConfig, model_control: str = "none",
+                   model: str = contract.MODEL_NAME, known_flags: frozenset[str] | None = None,
+                   key: str | None = None) -> list[str]:
     """The tritonserver command line; `make serve`, the tests and docker-compose share these flags.
 
     model_control "none" (the default) leaves the load/unload API off; "explicit" turns it on
-    (needed to switch versions, see ensemble.deploy) and loads `model` at start.
+    (needed to switch versions, see ensemble.deploy) and loads `model` at start. Where the
+    binary knows them (`known_flags`; 2.51 does, 2.35 does not) the shared-memory,
+    model-repository, logging and trace APIs answer only requests carrying the admin key.
     """
+    known = known_flags if known_flags is not None else frozenset({"--http-restricted-api", "--grpc-restricted-protocol"})
+    restricted = f"{','.join(RESTRICTED_APIS)}:{ADMIN_KEY_HEADER}={key or '${' + ADMIN_KEY_ENV + '}'}"
     return [
         str(binary),
         f"--model-repository={repository}",
-        f"--backend-directory={backends}",
+        *([f"--backend-directory={backends}"] if backends is not None else []),
         f"--http-address={cfg.host}", f"--http-port={cfg.http_port}",
         f"--grpc-address={cfg.host}", f"--grpc-port={cfg.grpc_port}",
         f"--metrics-address={cfg.host}", f"--metrics-port={cfg.metrics_port}",
         f"--model-control-mode={model_control}",
         *([f"--load-model={model}"] if model_control == "explicit" else []),
+        *([f"--http-restricted-api={restricted}"] if "--http-restricted-api" in known else []),
+        *([f"--grpc-restricted-protocol={restricted}"] if "--grpc-restricted-protocol" in known else []),
         "--allow-gpu-metrics=false",
         "--pinned-memory-pool-byte-size=0",
         "--cuda-memory-pool-byte-size=0:0",
         "--disable-auto-complete-config",
+        # Triton's strict readiness stays false for good once any version failed to load, even
+        # while the previous version serves; readiness that tells the truth is the canary's.
+        "--strict-readiness=false",
         "--exit-timeout-secs=10",
     ]
+
+
+SHM_PREFIX = "triton_python_backend_shm_region_"
+
+
+def _mapped_shm_files() -> set[str]:
+    """Names of /dev/shm files that some live process has mapped."""
+    mapped = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            text = maps.read_text()
+        except OSError:
+            continue
+        mapped.update(m for m in re.findall(r"/dev/shm/(\S+)", text) if m.startswith(SHM_PREFIX))
+    return mapped
 
 
 @dataclass
@@ -122,7 +212,7 @@ class TritonServer:
     """A tritonserver process on a model repository.
 
     Use as a context manager, or call start()/wait_ready()/stop(). Output goes to `log_path`
-    when given (tests), else to this process's stdout (`make serve`).
+    when given (appended on a restart), else to this process's stdout (`make serve`).
 
     Attributes:
         repository: the model repository.
@@ -130,6 +220,7 @@ class TritonServer:
         log_path: file to write the server log to.
         model_control: Triton's --model-control-mode (none or explicit).
         model: the model the repository must hold.
+        stack: where tritonserver and the stub's Python come from (default: this interpreter's).
     """
 
     repository: Path
@@ -137,12 +228,15 @@ class TritonServer:
     log_path: Path | None = None
     model_control: str = "none"
     model: str = contract.MODEL_NAME
+    stack: ServerStack | None = None
     process: subprocess.Popen | None = None
 
     def __post_init__(self):
         self.repository = Path(self.repository).resolve()
+        self.stack = self.stack or ServerStack.current()
         self._backends: Path | None = None
         self._log = None
+        self._shm_before: set[str] = set()
 
     @property
     def http_url(self) -> str:
@@ -162,13 +256,16 @@ class TritonServer:
         for port in (self.cfg.http_port, self.cfg.grpc_port, self.cfg.metrics_port):
             if not port_is_free(self.cfg.host, port):
                 raise ServerError(f"port {self.cfg.host}:{port} is already in use; choose other ports")
-        self._backends = prepare_backends(Path(tempfile.mkdtemp(prefix="triton-backends-")))
-        cmd = server_command(tritonserver_binary(), self.repository, self._backends, self.cfg, self.model_control, self.model)
-        LOG.info("starting %s", " ".join(cmd))
+        if self.stack.system_binary is None:
+            self._backends = prepare_backends(Path(tempfile.mkdtemp(prefix="triton-backends-")), self.stack)
+        cmd = server_command(self.stack.binary, self.repository, self._backends, self.cfg, self.model_control, self.model,
+                             tritonserver_flags(self.stack), admin_key())
+        LOG.info("starting %s", " ".join(re.sub(rf"{ADMIN_KEY_HEADER}=\w+", f"{ADMIN_KEY_HEADER}=***", c) for c in cmd))
         if self.log_path is not None:
-            self._log = open(self.log_path, "wb")
+            self._log = open(self.log_path, "ab")
+        self._shm_before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
         self.process = subprocess.Popen(
-            cmd, env=server_environment(), stdout=self._log, stderr=subprocess.STDOUT if self._log else None,
+            cmd, env=server_environment(self.stack), stdout=self._log, stderr=subprocess.STDOUT if self._log else None,
             start_new_session=True,
         )
         return self
@@ -179,8 +276,9 @@ class TritonServer:
         return "\n".join(Path(self.log_path).read_text(errors="replace").splitlines()[-lines:])
 
     def is_ready(self) -> bool:
+        """Triton's own readiness of the model (see ensemble.health for the canary that tells the truth)."""
         try:
-            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as r:
+            with urllib.request.urlopen(f"http://{self.http_url}/v2/models/{self.model}/ready", timeout=2) as r:
                 return r.status == 200
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
             return False
@@ -195,12 +293,14 @@ class TritonServer:
                 raise ServerError(f"tritonserver exited with code {code} before it was ready:\n{self.log_tail()}")
             if self.is_ready():
                 return self
-            time.sleep(0.25)
+            time.sleep(0.1)
         self.stop()
         raise ServerError(f"tritonserver was not ready after {timeout_s:.0f} s:\n{self.log_tail()}")
 
     def stop(self, timeout_s: float = 30.0) -> int | None:
-        """SIGTERM, wait, SIGKILL if it hangs; returns the exit code. Cleans the backend folder."""
+        """SIGTERM, wait, SIGKILL if it hangs; returns the exit code. Then ends what is left of its
+        process group (stubs of a server that died), removes the shared-memory regions it left
+        and the backend folder."""
         code = None
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
@@ -212,6 +312,9 @@ class TritonServer:
                 code = self.process.wait()
         elif self.process is not None:
             code = self.process.returncode
+        if self.process is not None:
+            self._end_group()
+            self._remove_shm()
         if self._log is not None:
             self._log.close()
             self._log = None
@@ -220,6 +323,38 @@ class TritonServer:
             self._backends = None
         return code
 
+    def kill(self) -> int | None:
+        """SIGKILLs the server and its stubs at once (for a server that cannot serve anyway)."""
+        if self.process is not None and self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        return self.stop()
+
+    def _end_group(self) -> None:
+        """SIGKILLs processes left in the server's session (its stubs outlive a killed server)."""
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            return
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(self.process.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
+
+    def _remove_shm(self) -> None:
+        """Removes Python-backend regions that appeared while this server ran and no process maps."""
+        if not os.path.isdir("/dev/shm"):
+            return
+        new = {n for n in os.listdir("/dev/shm") if n.startswith(SHM_PREFIX)} - self._shm_before
+        for name in new - _mapped_shm_files():
+            with contextlib.suppress(OSError):
+                os.unlink(f"/dev/shm/{name}")
+                LOG.debug("removed /dev/shm/%s left by tritonserver", name)
+
     def __enter__(self) -> "TritonServer":
         return self.start().wait_ready()
 
@@ -227,9 +362,17 @@ class TritonServer:
         self.stop()
 
 
-def serve_forever(repository: Path, cfg: ServeConfig, model_control: str = "none") -> int:
-    """Runs tritonserver in the foreground until Ctrl-C or SIGTERM; returns its exit code."""
+def serve_forever(repository: Path, cfg: ServeConfig, model_control: str = "none", supervise: bool = True) -> int:
+    """Runs tritonserver in the foreground until Ctrl-C or SIGTERM; returns its exit code.
+
+    Supervised (the default, see ensemble.supervisor): restarted when it dies or its model stops
+    answering, with readiness from a canary on the health port.
+    """
     server = TritonServer(repository, cfg, model_control=model_control)
+    if supervise:
+        from ensemble.supervisor import Supervisor
+
+        return Supervisor(server, cfg).run_forever()
     stopping = {"flag": False}
 
     def _stop(signum, _frame):
@@ -241,11 +384,8 @@ def serve_forever(repository: Path, cfg: ServeConfig, model_control: str = "none
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGTERM, _stop)
     server.start().wait_ready()
-    LOG.info(
-        "ready: model %r on gRPC %s, HTTP http://%s, metrics %s (pid %d); model control %s%s. Press Ctrl-C to stop.",
-        contract.MODEL_NAME, server.grpc_url, server.http_url, server.metrics_url, server.process.pid, model_control,
-        " (load/unload API on: anyone who reaches these ports can switch models)" if model_control == "explicit" else " (load/unload API off)",
-    )
+    LOG.info("ready: model %r on gRPC %s, HTTP http://%s (pid %d), unsupervised", contract.MODEL_NAME, server.grpc_url,
+             server.http_url, server.process.pid)
     code = server.process.wait()
     server.stop()
     LOG.info("tritonserver exited with code %s", code)
