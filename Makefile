@@ -6,6 +6,10 @@ PYTHON_SYS ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The Merlin 23.08 container's stack on CPU (Python 3.10, tritonserver 2.36, FAISS 1.7.2): make test-compat.
+PYTHON310 ?= $(shell command -v python3.10 2>/dev/null || echo $(HOME)/.pyenv/versions/3.10.13/bin/python3.10)
+COMPAT_VENV := .venv-compat
+COMPAT_STAMP := $(COMPAT_VENV)/.installed
 
 BUILD ?= build
 WORK ?= $(BUILD)/work
@@ -28,7 +32,7 @@ HEALTH_PORT ?= 8003
 export PYTHONPATH := $(CURDIR)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help venv train eval fetch-movielens ensemble serve health deploy rollback client demo soak bench test test-unit test-integration clean
+.PHONY: help venv train eval fetch-movielens ensemble serve health deploy rollback client demo soak bench test test-compat test-unit test-integration clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-18s %s\n", $$1, $$2}'
@@ -39,6 +43,15 @@ $(STAMP): requirements.txt constraints.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt -c constraints.txt
 	$(PY) -m pip check
 	@touch $(STAMP)
+
+$(COMPAT_STAMP): requirements-compat.txt requirements-compat-nodeps.txt
+	@test -x $(PYTHON310) || { echo "Python 3.10 not found at $(PYTHON310); set PYTHON310=/path/to/python3.10"; exit 1; }
+	rm -rf $(COMPAT_VENV)
+	$(PYTHON310) -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/python -m pip install --quiet --disable-pip-version-check pip==23.2.1
+	$(COMPAT_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-compat.txt
+	$(COMPAT_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-compat-nodeps.txt
+	@touch $(COMPAT_STAMP)
 
 venv: $(STAMP) ## create .venv from the pinned requirements (Python 3.11)
 
@@ -86,6 +99,9 @@ bench: $(STAMP) ## serving benchmark at BENCH_ITEMS items: ours vs the Merlin re
 
 test: $(STAMP) ## unit and integration tests (starts the real tritonserver on free ports)
 	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+test-compat: $(STAMP) $(COMPAT_STAMP) ## the repository .venv exports, served on the Merlin 23.08 container's stack (builds .venv-compat once)
+	COMPAT_PYTHON=$(CURDIR)/$(COMPAT_VENV)/bin/python $(PY) -m pytest tests/compat -m compat $(PYTEST_ARGS)
 
 test-unit: $(STAMP) ## unit tests only (no server)
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)

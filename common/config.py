@@ -280,6 +280,10 @@ class ServeConfig:
         ready_timeout_s: how long `serve` waits for the server to become ready.
         health_port: port of the supervisor's own health endpoints (/live, /ready), whose
             readiness comes from a canary request through the model.
+        http_guard: put ensemble.guard in front of tritonserver's HTTP port (tritonserver then
+            listens on a loopback port of its own): it refuses the requests that crash
+            tritonserver 2.51's HTTP front end.
+        max_request_bytes: the largest HTTP request body the guard accepts.
         canary_interval_s: seconds between canary requests.
         canary_timeout_s: how long a canary may take before it counts as failed.
         recover_after_failures: consecutive canary failures of a dead model (not of the feature
@@ -306,6 +310,8 @@ class ServeConfig:
     index_device: str = "cpu"
     ready_timeout_s: float = 180.0
     health_port: int = contract.DEFAULT_HEALTH_PORT
+    http_guard: bool = True
+    max_request_bytes: int = 8 << 20
     canary_interval_s: float = 1.0
     canary_timeout_s: float = 5.0
     recover_after_failures: int = 2
@@ -332,6 +338,7 @@ class ServeConfig:
         _check(self.ready_timeout_s > 0, "serve.ready_timeout_s must be > 0")
         _check(0 < self.feature_store_timeout_s <= 30, f"serve.feature_store_timeout_s must be in (0, 30], got {self.feature_store_timeout_s}")
         _check(self.index_device in ("cpu", "gpu", "auto"), f"serve.index_device must be cpu, gpu or auto, got {self.index_device!r}")
+        _check(self.max_request_bytes >= 1024, f"serve.max_request_bytes must be >= 1024, got {self.max_request_bytes}")
         _check(self.canary_interval_s > 0, f"serve.canary_interval_s must be > 0, got {self.canary_interval_s}")
         _check(self.canary_timeout_s > 0, f"serve.canary_timeout_s must be > 0, got {self.canary_timeout_s}")
         _check(self.recover_after_failures >= 1, f"serve.recover_after_failures must be >= 1, got {self.recover_after_failures}")

@@ -37,6 +37,17 @@ MAX_DIM = 1 << 31
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection"}
 
 
+DRAIN_BYTES = 64 << 20
+
+
+def _drain(stream, length: int, chunk: int = 1 << 20) -> None:
+    while length > 0:
+        data = stream.read(min(chunk, length))
+        if not data:
+            return
+        length -= len(data)
+
+
 class Refused(Exception):
     """A request the guard answers itself, with 400 and this message."""
 
@@ -172,7 +183,11 @@ class HttpGuard:
             handler.close_connection = True
             return self.refuse(handler, "a POST needs a Content-Length", 411)
         if int(length) > self.limits.max_body_bytes:
-            handler.close_connection = True  # the body is never read
+            # Read and drop a body up to DRAIN_BYTES so the client hears the answer (a client that
+            # is still sending sees a broken pipe otherwise); larger claims are not read at all.
+            if int(length) <= DRAIN_BYTES:
+                _drain(handler.rfile, int(length))
+            handler.close_connection = True
             return self.refuse(handler, f"request body of {int(length)} bytes is over the maximum of {self.limits.max_body_bytes}", 413)
         body = handler.rfile.read(int(length))
         if INFER_PATH.match(handler.path.split("?")[0]):

@@ -9,6 +9,7 @@ on PATH, which is how the stub finds our interpreter and its packages.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -160,13 +161,14 @@ def admin_key() -> str:
 
 def server_command(binary: Path, repository: Path, backends: Path | None, cfg: ServeConfig, model_control: str = "none",
                    model: str = contract.MODEL_NAME, known_flags: frozenset[str] | None = None,
-                   key: str | None = None) -> list[str]:
+                   key: str | None = None, http_host: str | None = None) -> list[str]:
     """The tritonserver command line; `make serve`, the tests and docker-compose share these flags.
 
     model_control "none" (the default) leaves the load/unload API off; "explicit" turns it on
     (needed to switch versions, see ensemble.deploy) and loads `model` at start. Where the
-    binary knows them (`known_flags`; 2.51 does, 2.35 does not) the shared-memory,
+    binary knows them (`known_flags`; 2.51 has both, 2.36 only the gRPC one) the shared-memory,
     model-repository, logging and trace APIs answer only requests carrying the admin key.
+    `http_host` binds tritonserver's HTTP elsewhere than cfg.host (loopback, behind the guard).
     """
     known = known_flags if known_flags is not None else frozenset({"--http-restricted-api", "--grpc-restricted-protocol"})
     restricted = f"{','.join(RESTRICTED_APIS)}:{ADMIN_KEY_HEADER}={key or '${' + ADMIN_KEY_ENV + '}'}"
@@ -174,7 +176,7 @@ def server_command(binary: Path, repository: Path, backends: Path | None, cfg: S
         str(binary),
         f"--model-repository={repository}",
         *([f"--backend-directory={backends}"] if backends is not None else []),
-        f"--http-address={cfg.host}", f"--http-port={cfg.http_port}",
+        f"--http-address={http_host or cfg.host}", f"--http-port={cfg.http_port}",
         f"--grpc-address={cfg.host}", f"--grpc-port={cfg.grpc_port}",
         f"--metrics-address={cfg.host}", f"--metrics-port={cfg.metrics_port}",
         f"--model-control-mode={model_control}",
@@ -221,6 +223,7 @@ class TritonServer:
         model_control: Triton's --model-control-mode (none or explicit).
         model: the model the repository must hold.
         stack: where tritonserver and the stub's Python come from (default: this interpreter's).
+        extra_env: environment variables added for tritonserver and its stubs.
     """
 
     repository: Path
@@ -229,11 +232,14 @@ class TritonServer:
     model_control: str = "none"
     model: str = contract.MODEL_NAME
     stack: ServerStack | None = None
+    extra_env: dict | None = None
     process: subprocess.Popen | None = None
 
     def __post_init__(self):
         self.repository = Path(self.repository).resolve()
         self.stack = self.stack or ServerStack.current()
+        self._guard = None
+        self._triton_http_port = self.cfg.http_port
         self._backends: Path | None = None
         self._log = None
         self._shm_before: set[str] = set()
@@ -253,19 +259,30 @@ class TritonServer:
     def start(self) -> "TritonServer":
         if not (self.repository / self.model / "config.pbtxt").is_file():
             raise ServerError(f"{self.repository} holds no {self.model!r} model; run `make ensemble` first")
-        for port in (self.cfg.http_port, self.cfg.grpc_port, self.cfg.metrics_port):
+        ports = (self.cfg.grpc_port, self.cfg.metrics_port) if self._guard is not None else (self.cfg.http_port, self.cfg.grpc_port, self.cfg.metrics_port)
+        for port in ports:
             if not port_is_free(self.cfg.host, port):
                 raise ServerError(f"port {self.cfg.host}:{port} is already in use; choose other ports")
         if self.stack.system_binary is None:
             self._backends = prepare_backends(Path(tempfile.mkdtemp(prefix="triton-backends-")), self.stack)
-        cmd = server_command(self.stack.binary, self.repository, self._backends, self.cfg, self.model_control, self.model,
-                             tritonserver_flags(self.stack), admin_key())
+        triton_cfg = self.cfg
+        if self.cfg.http_guard:
+            # tritonserver's HTTP moves to a loopback port of its own; the guard takes the public one.
+            if self._guard is None:
+                from ensemble.guard import GuardLimits, HttpGuard
+
+                self._triton_http_port = free_port()
+                self._guard = HttpGuard(self.cfg.host, self.cfg.http_port, f"127.0.0.1:{self._triton_http_port}",
+                                        GuardLimits(max_body_bytes=self.cfg.max_request_bytes)).start()
+            triton_cfg = dataclasses.replace(self.cfg, http_port=self._triton_http_port)
+        cmd = server_command(self.stack.binary, self.repository, self._backends, triton_cfg, self.model_control, self.model,
+                             tritonserver_flags(self.stack), admin_key(), http_host="127.0.0.1" if self.cfg.http_guard else None)
         LOG.info("starting %s", " ".join(re.sub(rf"{ADMIN_KEY_HEADER}=\w+", f"{ADMIN_KEY_HEADER}=***", c) for c in cmd))
         if self.log_path is not None:
             self._log = open(self.log_path, "ab")
         self._shm_before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
         self.process = subprocess.Popen(
-            cmd, env=server_environment(self.stack), stdout=self._log, stderr=subprocess.STDOUT if self._log else None,
+            cmd, env={**server_environment(self.stack), **(self.extra_env or {})}, stdout=self._log, stderr=subprocess.STDOUT if self._log else None,
             start_new_session=True,
         )
         return self
@@ -355,11 +372,23 @@ class TritonServer:
                 os.unlink(f"/dev/shm/{name}")
                 LOG.debug("removed /dev/shm/%s left by tritonserver", name)
 
+    def close(self) -> int | None:
+        """stop() and also close the HTTP guard (stop() alone keeps it for a restart)."""
+        code = self.stop()
+        if self._guard is not None:
+            self._guard.stop()
+            self._guard = None
+        return code
+
     def __enter__(self) -> "TritonServer":
-        return self.start().wait_ready()
+        try:
+            return self.start().wait_ready()
+        except BaseException:
+            self.close()
+            raise
 
     def __exit__(self, *exc) -> None:
-        self.stop()
+        self.close()
 
 
 def serve_forever(repository: Path, cfg: ServeConfig, model_control: str = "none", supervise: bool = True) -> int:
@@ -387,6 +416,6 @@ def serve_forever(repository: Path, cfg: ServeConfig, model_control: str = "none
     LOG.info("ready: model %r on gRPC %s, HTTP http://%s (pid %d), unsupervised", contract.MODEL_NAME, server.grpc_url,
              server.http_url, server.process.pid)
     code = server.process.wait()
-    server.stop()
+    server.close()
     LOG.info("tritonserver exited with code %s", code)
     return 0 if stopping["flag"] and code in (0, -signal.SIGTERM) else code

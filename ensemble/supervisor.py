@@ -208,7 +208,7 @@ class Supervisor:
     def stop(self) -> int | None:
         self._stop.set()
         with self._lock:
-            code = self.server.stop()
+            code = self.server.close()
         if self._health is not None:
             self._health.shutdown()
             self._health.server_close()

@@ -11,10 +11,10 @@ def free_serve_config() -> ServeConfig:
     from ensemble.server import free_port
 
     ports = set()
-    while len(ports) < 3:
+    while len(ports) < 4:
         ports.add(free_port())
-    http, grpc, metrics = sorted(ports)
-    return ServeConfig(http_port=http, grpc_port=grpc, metrics_port=metrics, ready_timeout_s=240)
+    http, grpc, metrics, health = sorted(ports)
+    return ServeConfig(http_port=http, grpc_port=grpc, metrics_port=metrics, health_port=health, ready_timeout_s=240)
 
 
 @pytest.fixture(scope="session")
@@ -29,7 +29,7 @@ def server(repository, tmp_path_factory):
         srv.wait_ready()
         yield srv
     finally:
-        code = srv.stop()
+        code = srv.close()
         assert code == 0, f"tritonserver exited with {code}:\n{srv.log_tail()}"
 
 

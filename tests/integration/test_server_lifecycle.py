@@ -33,7 +33,7 @@ def test_a_server_that_cannot_load_fails_with_its_log(tmp_path):
     server = TritonServer(tmp_path / "repo", free_serve_config(), log_path=tmp_path / "log.txt")
     with pytest.raises(ServerError, match=r"(?s)exited with code \d+ before it was ready.*broken model for the test"):
         server.start().wait_ready(60)
-    server.stop()
+    server.close()
 
 
 def test_sigterm_stops_it_cleanly_and_frees_the_ports(repository, tmp_path):
@@ -41,5 +41,5 @@ def test_sigterm_stops_it_cleanly_and_frees_the_ports(repository, tmp_path):
 
     cfg = free_serve_config()
     server = TritonServer(repository, cfg, log_path=tmp_path / "log.txt").start().wait_ready()
-    assert server.stop() == 0
+    assert server.close() == 0
     assert all(port_is_free(cfg.host, p) for p in (cfg.http_port, cfg.grpc_port, cfg.metrics_port))

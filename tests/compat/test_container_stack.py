@@ -1,0 +1,131 @@
+"""One exported repository, two stacks: our pinned one (Python 3.11, tritonserver 2.51, FAISS 1.8)
+and the Merlin 23.08 container's (Python 3.10, the 2.36 server closest to its Triton 23.06, whose
+Python backend has no error codes and no histograms, FAISS 1.7.2, protobuf 3.20 in pure Python,
+no redis-py). The repository the main environment exported must load and answer the same on both.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import urllib.request
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from client.bad_requests import corpus, send
+from common import contract
+
+pytestmark = [pytest.mark.integration, pytest.mark.compat]
+
+CONTAINER_ENV = {"PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION": "python"}  # as the Merlin container sets it
+
+
+@pytest.fixture(scope="module")
+def container_server(repository, compat_python, tmp_path_factory):
+    from ensemble.server import ServerStack, TritonServer
+    from tests.integration.conftest import free_serve_config
+
+    stack = ServerStack.of_python(compat_python)
+    assert stack.version == "3.10", stack
+    log = tmp_path_factory.mktemp("compat") / "tritonserver-2.36.log"
+    with TritonServer(repository, free_serve_config(), log_path=log, stack=stack, extra_env=CONTAINER_ENV) as server:
+        yield server
+    assert "2.36.0" in log.read_text(), "not the 2.36 server"
+
+
+@pytest.fixture(scope="module")
+def users(trained):
+    known = pd.read_parquet(trained["artifacts"] / contract.ARTIFACT_USER_FEATURES).user_id.to_numpy()[:12].tolist()
+    return known + [10**9]
+
+
+def test_the_container_stack_is_what_the_container_holds(compat_python):
+    code = ("import sys, faiss, numpy, tensorflow, google.protobuf, importlib.util as u; "
+            "print(sys.version_info[:2], faiss.__version__, numpy.__version__, tensorflow.__version__, "
+            "google.protobuf.__version__, u.find_spec('redis') is None, hasattr(faiss, 'SearchParametersIVF'))")
+    out = subprocess.run([str(compat_python), "-c", code], capture_output=True, text=True, check=True, timeout=120).stdout
+    assert out.strip().splitlines()[-1] == "(3, 10) 1.7.2 1.22.4 2.12.0 3.20.3 True False"
+
+
+def test_ready_and_the_canary_passes(container_server):
+    from ensemble.health import canary
+
+    assert container_server.is_ready()
+    assert canary(container_server.http_url).ok
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_answers_equal_the_main_servers(container_server, server, users, protocol):
+    """Known users, a new user with features, exclusions and exclude_seen: same ids, scores within 1e-6."""
+    from client.client import RetrievalClient
+
+    def ask(srv):
+        url = srv.grpc_url if protocol == "grpc" else srv.http_url
+        with RetrievalClient(url, protocol) as client:
+            plain = client.recommend(users, top_k=20)
+            excluded = client.recommend(users, top_k=20, exclude=[r[:5].tolist() for r in plain.item_ids], exclude_seen=True)
+            new = client.recommend([10**9 + 7], top_k=20, features={"user_age": [2], "user_gender": [1]})
+            return plain, excluded, new
+
+    for ours, theirs in zip(ask(server), ask(container_server)):
+        np.testing.assert_array_equal(theirs.item_ids, ours.item_ids)
+        np.testing.assert_allclose(theirs.scores, ours.scores, rtol=0, atol=1e-6)
+        np.testing.assert_array_equal(theirs.unknown_user, ours.unknown_user)
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_every_bad_request_gets_its_own_message(container_server, users, protocol, executor):
+    """The 23.06 backend has no error codes: our messages arrive whole (as INTERNAL, not INVALID_ARG)."""
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+
+    from common.config import ServeConfig
+
+    serve = ServeConfig()
+    module = grpcclient if protocol == "grpc" else httpclient
+    raw = module.InferenceServerClient(container_server.grpc_url if protocol == "grpc" else container_server.http_url)
+    try:
+        for case in corpus(serve.max_batch_size, serve.max_top_k, serve.max_exclude, "user_age", int(users[0]), executor.n_items):
+            error = send(module, raw, contract.MODEL_NAME, case)
+            assert error is not None, f"{case.name} was answered"
+            assert re.search(case.expected(protocol, stack="23.06"), str(error)), f"{case.name}: {error}"
+    finally:
+        raw.close()
+
+
+def test_metric_families_degrade_to_counters(container_server):
+    from client.client import RetrievalClient
+
+    with RetrievalClient(container_server.grpc_url) as client:
+        client.recommend([1, 2], top_k=3)
+    with urllib.request.urlopen(container_server.metrics_url, timeout=10) as r:
+        text = r.read().decode()
+    assert re.search(r'^retrieval_requests_total\{.*outcome="ok".*\} [1-9]', text, re.M)
+    for family in ("retrieval_stage_seconds_sum", "retrieval_stage_seconds_count", "retrieval_batch_users_sum", "retrieval_batch_users_count"):
+        assert re.search(rf"^# TYPE {family} counter$", text, re.M), family
+    assert not re.search(r"^# TYPE retrieval_stage_seconds histogram$", text, re.M)
+    assert re.search(r'^retrieval_stage_seconds_count\{.*stage="search".*\} [1-9]', text, re.M)
+
+
+def test_a_redis_feature_store_without_redis_py_fails_the_load_in_one_line(trained, compat_python, tmp_path):
+    import dataclasses
+
+    from common.errors import ServerError
+    from common.manifest import artifacts_config, read_manifest
+    from ensemble.build import build_repository
+    from ensemble.server import ServerStack, TritonServer
+    from tests.integration.conftest import free_serve_config
+
+    cfg = artifacts_config(read_manifest(trained["artifacts"]))
+    cfg = dataclasses.replace(cfg, serve=dataclasses.replace(cfg.serve, feature_store="redis://127.0.0.1:1/0"))
+    repo = build_repository(trained["artifacts"], tmp_path / "repo", cfg=cfg)
+    server = TritonServer(repo, free_serve_config(), log_path=tmp_path / "log.txt", stack=ServerStack.of_python(compat_python),
+                          extra_env=CONTAINER_ENV)
+    with pytest.raises(ServerError, match="exited with code"):
+        server.start().wait_ready(120)
+    server.close()
+    assert re.search(r"retrieval model cannot load: feature_store 'redis://127\.0\.0\.1:1/0' needs the redis-py package, "
+                     r"which this Python does not have; install it in the server's environment \(pip install redis==5\.0\.8\)",
+                     (tmp_path / "log.txt").read_text())
