@@ -27,6 +27,7 @@ class BadRequest:
         message_2_36: the message where tritonserver 2.36 (Triton 23.06) words it otherwise.
         http_message: the message over HTTP where it differs (the guard answers it).
         http_status: the HTTP status of `http_message`.
+        ours_on_2_36: on tritonserver 2.36 the request reaches our model, which refuses it.
     """
 
     name: str
@@ -37,6 +38,7 @@ class BadRequest:
     message_2_36: str | None = None
     http_message: str | None = None
     http_status: int = 400
+    ours_on_2_36: bool = False
 
     def expected(self, protocol: str, stack: str = "2.51") -> str:
         """The full error text's pattern as tritonclient reports it ('[400] ...', '[StatusCode...] ...').
@@ -49,11 +51,12 @@ class BadRequest:
         if protocol == "http" and self.http_message is not None:
             return rf"^\[{self.http_status}\] {self.http_message}$"
         message = self.message_2_36 if stack == "23.06" and self.message_2_36 else self.message
+        triton = self.triton and not (stack == "23.06" and self.ours_on_2_36)
         if protocol == "http":
             code = r"\[400\]"
         else:
-            code = r"\[StatusCode\.INTERNAL\]" if stack == "23.06" and not self.triton else r"\[StatusCode\.INVALID_ARGUMENT\]"
-        request_id = r"(\[request id: <id_unknown>\] )?" if self.triton else ""
+            code = r"\[StatusCode\.INTERNAL\]" if stack == "23.06" and not triton else r"\[StatusCode\.INVALID_ARGUMENT\]"
+        request_id = r"(\[request id: <id_unknown>\] )?" if triton else ""
         return rf"^{code} {request_id}{message}$"
 
 
@@ -102,7 +105,7 @@ def corpus(max_batch_size: int, max_top_k: int, max_exclude: int, feature: str, 
         # Triton 2.51 refuses the empty batch itself; 2.36 hands the model a [1] tensor, which our validation refuses.
         BadRequest("empty_batch", ((contract.INPUT_USER_ID, np.zeros((0, 1), np.int64), "INT64"),), triton=True,
                    message=rf"input byte size mismatch for input 'user_id' for model '{model}'\. Expected 8, got 0",
-                   message_2_36=r"input 'user_id' must have shape \[batch, 1\], got \[1\]"),
+                   message_2_36=r"input 'user_id' must have shape \[batch, 1\], got \[1\]", ours_on_2_36=True),
         BadRequest("batch_over_maximum", (_users(*range(max_batch_size + 1)),), triton=True,
                    message=rf"inference request batch-size must be <= {max_batch_size} for '{model}'"),
         top_k(0, "zero"),

@@ -307,7 +307,7 @@ class ServeConfig:
     tower_runtime: str = "numpy"
     feature_store: str = "embedded"
     feature_store_timeout_s: float = 0.5
-    index_device: str = "cpu"
+    index_device: str = "auto"
     ready_timeout_s: float = 180.0
     health_port: int = contract.DEFAULT_HEALTH_PORT
     http_guard: bool = True

@@ -110,7 +110,7 @@ def load_executor(ensemble_dir: str | Path, limits: Limits, params: Mapping[str,
             timeout_s = float(params.get("feature_store_timeout_s", "0.5"))
             node.op.set_store(feature_store_for(feature_store, manifest, node.op.feature_names, timeout_s))
         if isinstance(node.op, SearchItems):
-            node.op.device = params.get("index_device", "cpu")
+            node.op.device = params.get("index_device", "auto")
         if node.op is not None:
             node.op.load_artifacts(str(ensemble_dir))
             if isinstance(node.op, SearchItems):

@@ -104,7 +104,7 @@ class SearchItems(ArrayOperator, BaseOperator):
         self.item_ids_path = str(item_ids_path)
         self.seen_path = str(seen_path)
         self.search_params = dict(search_params or {})
-        self.device = "cpu"  # index_device, set by the loader from the model config
+        self.device = "cpu"  # index_device, set by the loader from the model config (default there: auto)
         self._index = None
 
     def __getstate__(self) -> dict:

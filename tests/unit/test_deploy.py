@@ -11,9 +11,6 @@ from common.config import ServeConfig
 from ensemble.server import server_command
 
 ROOT = Path(__file__).resolve().parents[2]
-# Flags of `make serve` that only make sense for the wheel's CPU server or name local paths.
-LOCAL_ONLY = {"--backend-directory", "--allow-gpu-metrics", "--pinned-memory-pool-byte-size",
-              "--cuda-memory-pool-byte-size", "--model-repository", "--http-address", "--grpc-address", "--metrics-address"}
 
 
 @pytest.fixture(scope="module")
@@ -37,40 +34,62 @@ def test_makefile_serve_defaults_are_the_contract():
         contract.DEFAULT_HOST, contract.DEFAULT_HTTP_PORT, contract.DEFAULT_GRPC_PORT, contract.DEFAULT_METRICS_PORT)
 
 
-@pytest.mark.parametrize("service", ["triton-gpu", "triton-cpu"])
-def test_services_mount_the_repository_and_publish_loopback_ports(compose, service):
+SERVICES = ["triton-gpu", "triton-gpu-own", "triton-cpu"]
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_services_mount_the_one_repository_publish_loopback_ports_and_check_the_canary(compose, service):
     spec = compose["services"][service]
     assert "./model_repository:/models:ro" in spec["volumes"]
-    published = [p.replace("${HTTP_PORT:-8000}", "8000").replace("${GRPC_PORT:-8001}", "8001").replace("${METRICS_PORT:-8002}", "8002")
-                 for p in spec["ports"]]
-    assert published == [f"127.0.0.1:{p}:{p}" for p in (8000, 8001, 8002)]
-    check = spec["healthcheck"]["test"]
-    assert check[-1] == "http://127.0.0.1:8000/v2/health/ready"
+    published = [re.sub(r"\$\{[A-Z]+_PORT:-(\d+)\}", r"\1", p) for p in spec["ports"]]
+    assert published == [f"127.0.0.1:{p}:{p}" for p in (contract.DEFAULT_HTTP_PORT, contract.DEFAULT_GRPC_PORT,
+                                                        contract.DEFAULT_METRICS_PORT, contract.DEFAULT_HEALTH_PORT)]
+    # Readiness is the supervisor's canary, not Triton's own flag (which stays 200 with a dead stub).
+    assert spec["healthcheck"]["test"][-1] == f"http://127.0.0.1:{contract.DEFAULT_HEALTH_PORT}/ready"
+    assert spec["restart"] == "unless-stopped"
 
 
-def test_gpu_service_runs_tritonserver_with_make_serves_flags(compose):
-    spec = compose["services"]["triton-gpu"]
-    assert spec["image"].startswith("nvcr.io/nvidia/merlin/merlin-tensorflow:")
-    assert spec["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
-    command = spec["command"]
-    assert command[0] == "tritonserver"
-    ours = _flags(server_command(Path("tritonserver"), Path("/models"), Path("/b"), ServeConfig()))
-    theirs = _flags(command)
-    assert theirs["--model-repository"] == "/models"
-    for flag, value in ours.items():
-        if flag not in LOCAL_ONLY:
-            assert theirs.get(flag) == value, flag
-    assert theirs["--model-control-mode"] == "none"  # the load/unload API stays off
-
-
-def test_cpu_service_runs_make_serves_command(compose):
-    spec = compose["services"]["triton-cpu"]
-    command = spec["command"]
-    assert command[:4] == ["python", "-m", "ensemble", "serve"]
+@pytest.mark.parametrize("service", SERVICES)
+def test_every_service_runs_make_serves_supervised_command(compose, service):
+    command = compose["services"][service]["command"]
+    assert command[:4] == ["python3", "-m", "ensemble", "serve"]
     flags = _flags(command)
     assert flags["--repository"] == "/models" and flags["--host"] == "0.0.0.0"
-    assert (flags["--http-port"], flags["--grpc-port"], flags["--metrics-port"]) == ("8000", "8001", "8002")
-    assert (ROOT / spec["build"]["dockerfile"]).is_file()
+    assert "--no-supervise" not in command
+    assert (flags["--http-port"], flags["--grpc-port"], flags["--metrics-port"], flags["--health-port"]) == (
+        "8000", "8001", "8002", "8003")
+
+
+def test_gpu_services_reserve_a_gpu(compose):
+    for service in ("triton-gpu", "triton-gpu-own"):
+        assert compose["services"][service]["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+
+
+def test_the_merlin_container_runs_our_supervisor_on_its_own_tritonserver(compose):
+    spec = compose["services"]["triton-gpu"]
+    assert spec["image"] == "nvcr.io/nvidia/merlin/merlin-tensorflow:23.08"
+    env = spec["environment"]
+    assert env["TRITONSERVER"] == "/opt/tritonserver/bin/tritonserver" and env["PYTHONPATH"] == "/app"
+    for package in ("common", "ensemble"):
+        assert f"./{package}:/app/{package}:ro" in spec["volumes"]
+
+
+def test_own_images_are_built_from_the_repo(compose):
+    assert compose["services"]["triton-cpu"]["build"]["dockerfile"] == "docker/Dockerfile.cpu"
+    assert compose["services"]["triton-gpu-own"]["build"]["dockerfile"] == "docker/Dockerfile.gpu"
+    for service in ("triton-cpu", "triton-gpu-own"):
+        assert (ROOT / compose["services"][service]["build"]["dockerfile"]).is_file()
+
+
+def test_make_serve_flags_restrict_the_admin_apis():
+    cmd = server_command(Path("tritonserver"), Path("/models"), Path("/b"), ServeConfig(), key="k")
+    flags = _flags(cmd)
+    assert flags["--http-restricted-api"] == "shared-memory,model-repository,logging,trace:admin-key=k"
+    assert flags["--grpc-restricted-protocol"] == "shared-memory,model-repository,logging,trace:admin-key=k"
+    assert flags["--model-control-mode"] == "none" and flags["--strict-readiness"] == "false"
+    # a server that lacks a flag (2.36 has no --http-restricted-api) is not given it
+    older = _flags(server_command(Path("t"), Path("/m"), None, ServeConfig(), known_flags=frozenset({"--grpc-restricted-protocol"})))
+    assert "--http-restricted-api" not in older and "--grpc-restricted-protocol" in older and "--backend-directory" not in older
 
 
 def test_cpu_image_installs_the_pinned_stack():
