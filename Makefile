@@ -32,7 +32,7 @@ HEALTH_PORT ?= 8003
 export PYTHONPATH := $(CURDIR)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help venv train eval fetch-movielens ensemble serve health deploy rollback client demo soak bench test test-compat test-unit test-integration clean
+.PHONY: help venv train eval fetch-movielens ensemble serve health deploy rollback client demo soak chaos bench test test-compat test-unit test-integration clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-18s %s\n", $$1, $$2}'
@@ -92,6 +92,10 @@ soak: $(STAMP) ## bounded mixed good/bad load on a fresh server (SOAK_DURATION_S
 	$(PY) -m client.soak --repository $(REPOSITORY) --artifacts $(ARTIFACTS) --out $(BUILD)/soak \
 		--duration-s $(SOAK_DURATION_S) --concurrency $(SOAK_CONCURRENCY) \
 		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+
+chaos: $(STAMP) ## faults under load on a supervised server (kills, Redis out, bad deploys, hostile requests) -> $(BUILD)/chaos
+	@test -f $(REPOSITORY)/retrieval/config.pbtxt || $(MAKE) --no-print-directory train ensemble
+	$(PY) -m client.chaos --repository $(REPOSITORY) --artifacts $(ARTIFACTS) --out $(BUILD)/chaos
 
 bench: $(STAMP) ## serving benchmark at BENCH_ITEMS items: ours vs the Merlin reference vs Triton's floor -> $(BUILD)/bench
 	@test -f $(ARTIFACTS)/manifest.json || $(MAKE) --no-print-directory train

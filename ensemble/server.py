@@ -277,7 +277,7 @@ class TritonServer:
             triton_cfg = dataclasses.replace(self.cfg, http_port=self._triton_http_port)
         cmd = server_command(self.stack.binary, self.repository, self._backends, triton_cfg, self.model_control, self.model,
                              tritonserver_flags(self.stack), admin_key(), http_host="127.0.0.1" if self.cfg.http_guard else None)
-        LOG.info("starting %s", " ".join(re.sub(rf"{ADMIN_KEY_HEADER}=\w+", f"{ADMIN_KEY_HEADER}=***", c) for c in cmd))
+        LOG.info("starting %s", " ".join(re.sub(rf"{ADMIN_KEY_HEADER}=[^\s,]+", f"{ADMIN_KEY_HEADER}=***", c) for c in cmd))
         if self.log_path is not None:
             self._log = open(self.log_path, "ab")
         self._shm_before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()

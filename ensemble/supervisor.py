@@ -34,6 +34,10 @@ from ensemble.server import TritonServer
 LOG = logging.getLogger(__name__)
 
 
+class CrashLoopError(ServerError):
+    """tritonserver was restarted more than max_restarts times within restart_window_s."""
+
+
 def describe_exit(code: int | None) -> str:
     """An exit code in words (negative: killed by that signal)."""
     if code is None:
@@ -137,7 +141,7 @@ class Supervisor:
         while self._restarts and now - self._restarts[0] > self.cfg.restart_window_s:
             self._restarts.popleft()
         if len(self._restarts) >= self.cfg.max_restarts:
-            raise ServerError(f"tritonserver restarted {len(self._restarts)} times in {self.cfg.restart_window_s:.0f} s; "
+            raise CrashLoopError(f"tritonserver restarted {len(self._restarts)} times in {self.cfg.restart_window_s:.0f} s; "
                               f"giving up (last cause: {cause})")
         self._restarts.append(now)
         self.state.restarts += 1
@@ -174,9 +178,17 @@ class Supervisor:
         self._wait_serving()
         failures = 0
         while not self._stop.is_set():
-            code = self.server.process.poll()
+            code = self.server.process.poll() if self.server.process is not None else -1
             if code is not None:
-                self._restart(f"tritonserver {describe_exit(code)}")
+                try:
+                    self._restart(f"tritonserver {describe_exit(code)}" if code != -1 else "tritonserver could not be started")
+                except CrashLoopError:
+                    raise
+                except ServerError as e:
+                    LOG.error("restart failed: %s", e)  # counted in the restart budget; tried again
+                    self.server.process = None
+                    self._pause(1.0)
+                    continue
                 self._wait_serving()
                 failures = 0
                 continue
@@ -202,7 +214,8 @@ class Supervisor:
     def _pause(self, seconds: float) -> None:
         """Sleeps between canaries, but wakes as soon as tritonserver exits or stop() is called."""
         deadline = time.monotonic() + seconds
-        while not self._stop.is_set() and time.monotonic() < deadline and self.server.process.poll() is None:
+        while (not self._stop.is_set() and time.monotonic() < deadline
+               and (self.server.process is None or self.server.process.poll() is None)):
             self._stop.wait(min(0.05, max(0.0, deadline - time.monotonic())))
 
     def stop(self) -> int | None:
