@@ -7,7 +7,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # The Merlin 23.08 container's stack on CPU (Python 3.10, tritonserver 2.36, FAISS 1.7.2): make test-compat.
-PYTHON310 ?= $(shell command -v python3.10 2>/dev/null || echo $(HOME)/.pyenv/versions/3.10.13/bin/python3.10)
+# pyenv's own 3.10 first: its shim on PATH answers "command not found" unless 3.10 is the selected version.
+PYTHON310 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.10.*/bin/python3.10) $(shell command -v python3.10 2>/dev/null))
 COMPAT_VENV := .venv-compat
 COMPAT_STAMP := $(COMPAT_VENV)/.installed
 
@@ -32,7 +33,7 @@ HEALTH_PORT ?= 8003
 export PYTHONPATH := $(CURDIR)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help venv train eval fetch-movielens ensemble serve health deploy rollback client demo soak chaos bench test test-compat test-unit test-integration clean
+.PHONY: help venv train eval fetch-movielens ensemble serve health deploy rollback client demo soak chaos gpu-image-resolve bench test test-compat test-unit test-integration clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-18s %s\n", $$1, $$2}'
@@ -45,7 +46,7 @@ $(STAMP): requirements.txt constraints.txt
 	@touch $(STAMP)
 
 $(COMPAT_STAMP): requirements-compat.txt requirements-compat-nodeps.txt
-	@test -x $(PYTHON310) || { echo "Python 3.10 not found at $(PYTHON310); set PYTHON310=/path/to/python3.10"; exit 1; }
+	@$(PYTHON310) -c 'import sys; assert sys.version_info[:2] == (3, 10)' 2>/dev/null || { echo "no working Python 3.10 ($(PYTHON310)); set PYTHON310=/path/to/python3.10"; exit 1; }
 	rm -rf $(COMPAT_VENV)
 	$(PYTHON310) -m venv $(COMPAT_VENV)
 	$(COMPAT_VENV)/bin/python -m pip install --quiet --disable-pip-version-check pip==23.2.1
@@ -96,6 +97,12 @@ soak: $(STAMP) ## bounded mixed good/bad load on a fresh server (SOAK_DURATION_S
 chaos: $(STAMP) ## faults under load on a supervised server (kills, Redis out, bad deploys, hostile requests) -> $(BUILD)/chaos
 	@test -f $(REPOSITORY)/retrieval/config.pbtxt || $(MAKE) --no-print-directory train ensemble
 	$(PY) -m client.chaos --repository $(REPOSITORY) --artifacts $(ARTIFACTS) --out $(BUILD)/chaos
+
+gpu-image-resolve: ## pip --dry-run of docker/Dockerfile.gpu's requirement set (faiss-gpu-cu12) in a scratch venv: does it resolve?
+	rm -rf $(BUILD)/gpu-resolve && $(PYTHON_SYS) -m venv $(BUILD)/gpu-resolve
+	$(BUILD)/gpu-resolve/bin/python -m pip install --quiet --disable-pip-version-check pip==23.2.1
+	$(BUILD)/gpu-resolve/bin/python -m pip install --disable-pip-version-check --dry-run --ignore-installed -r requirements-gpu.txt -c constraints.txt | tail -3
+	rm -rf $(BUILD)/gpu-resolve
 
 bench: $(STAMP) ## serving benchmark at BENCH_ITEMS items: ours vs the Merlin reference vs Triton's floor -> $(BUILD)/bench
 	@test -f $(ARTIFACTS)/manifest.json || $(MAKE) --no-print-directory train

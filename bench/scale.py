@@ -20,7 +20,7 @@ import pandas as pd
 
 from common import contract
 from common.config import IndexConfig
-from common.manifest import read_manifest
+from common.manifest import REQUIRED_FILES, file_digests, read_manifest
 from train.index import build_checked_index
 
 LOG = logging.getLogger(__name__)
@@ -72,6 +72,7 @@ def scale_artifacts(artifacts: Path, work: Path, out: Path, n_items: int, index:
     manifest["counts"]["items"] = len(vectors)
     manifest["index"] = report.__dict__
     manifest["scaled"] = {"real_items": len(real), "synthetic_items": len(source), "noise": noise, "seed": seed}
+    manifest["files"] = file_digests(out, REQUIRED_FILES)  # the rewritten files, checked again on load
     (out / contract.MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
     LOG.info("scaled catalogue: %d trained + %d synthetic items, index %s", len(real), len(source), report.factory)
     return {"real_items": len(real), "synthetic_items": len(source), "noise": noise, "index": report.__dict__}

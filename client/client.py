@@ -7,6 +7,7 @@ one-line message at this boundary.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -127,6 +128,11 @@ class RetrievalClient:
             raise
         except Exception as e:  # noqa: BLE001 - tritonclient, grpc, gevent and socket errors alike
             message = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if "is restricted, expecting header" in message:
+                raise ClientError(f"{what} refused by {self.url}: {message.split('] ', 1)[-1]} "
+                                  f"(it needs the server's admin key, ${contract.ADMIN_KEY_ENV})") from e
+            if "feature store unavailable" in message:
+                raise ClientError(f"{what} failed ({self.protocol} {self.url}): the server's {message.split('] ', 1)[-1]}") from e
             if isinstance(e, (ConnectionError, OSError)) or "UNAVAILABLE" in message or "failed to connect" in message.lower():
                 raise ClientError(f"cannot reach the server at {self.url} over {self.protocol}: {message}") from e
             raise ClientError(f"{what} failed ({self.protocol} {self.url}): {message}") from e
@@ -137,9 +143,12 @@ class RetrievalClient:
     def model_ready(self) -> bool:
         return bool(self._call("model readiness check", self._client.is_model_ready, self.model))
 
-    def repository_index(self) -> list[dict]:
-        """The server's model list with states (Triton's repository index)."""
-        index = self._call("repository index", self._client.get_model_repository_index)
+    def repository_index(self, admin_key: str | None = None) -> list[dict]:
+        """The server's model list with states (Triton's repository index, a restricted API: it
+        needs the server's admin key, by default from $RETRIEVAL_ADMIN_KEY)."""
+        key = admin_key or os.environ.get(contract.ADMIN_KEY_ENV)
+        header = contract.GRPC_ADMIN_KEY_HEADER if self.protocol == "grpc" else contract.ADMIN_KEY_HEADER
+        index = self._call("repository index", self._client.get_model_repository_index, headers={header: key} if key else None)
         if self.protocol == "grpc":
             return [{"name": m.name, "version": m.version, "state": m.state} for m in index.models]
         return list(index)

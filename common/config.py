@@ -237,18 +237,20 @@ class IndexConfig:
     def __post_init__(self) -> None:
         kinds = ("auto", "flat", "ivf", "hnsw")
         _check(self.kind in kinds, f"index.kind must be one of {kinds}, got {self.kind!r}")
-        _check(self.nlist >= 1 and self.nprobe >= 1, "index.nlist and index.nprobe must be >= 1")
-        _check(self.flat_max_items >= 1, "index.flat_max_items must be >= 1")
+        _check(self.nlist >= 1, f"index.nlist must be >= 1, got {self.nlist}")
+        _check(1 <= self.nprobe <= self.nlist, f"index.nprobe must be in 1..nlist={self.nlist}, got {self.nprobe}")
+        _check(self.flat_max_items >= 1, f"index.flat_max_items must be >= 1, got {self.flat_max_items}")
+        _check(self.hnsw_m >= 2, f"index.hnsw_m must be >= 2, got {self.hnsw_m}")
+        _check(self.ef_construction >= 1, f"index.ef_construction must be >= 1, got {self.ef_construction}")
+        _check(self.ef_search >= 1, f"index.ef_search must be >= 1, got {self.ef_search}")
+        _check(0 <= self.min_recall_at_10 <= 1, f"index.min_recall_at_10 must be in [0, 1], got {self.min_recall_at_10}")
+        _check(self.recall_sample >= 1, f"index.recall_sample must be >= 1, got {self.recall_sample}")
 
     def resolved_kind(self, n_items: int) -> str:
         """The index kind actually built for a catalogue of n_items."""
         if self.kind != "auto":
             return self.kind
         return "flat" if n_items <= self.flat_max_items else "ivf"
-        _check(self.hnsw_m >= 2, "index.hnsw_m must be >= 2")
-        _check(self.ef_search >= 1 and self.ef_construction >= 1, "index.ef_* must be >= 1")
-        _check(0 <= self.min_recall_at_10 <= 1, "index.min_recall_at_10 must be in [0, 1]")
-        _check(self.recall_sample >= 1, "index.recall_sample must be >= 1")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -42,6 +42,12 @@ DEFAULT_GRPC_PORT = 8001
 DEFAULT_METRICS_PORT = 8002
 DEFAULT_HEALTH_PORT = 8003  # the supervisor's /live and /ready (a canary through the model)
 
+# The restricted admin APIs (shared memory, model repository, logging, trace) answer only requests
+# carrying this header with the value of $RETRIEVAL_ADMIN_KEY (the server's and the caller's).
+ADMIN_KEY_ENV = "RETRIEVAL_ADMIN_KEY"
+ADMIN_KEY_HEADER = "admin-key"  # HTTP header
+GRPC_ADMIN_KEY_HEADER = f"triton-grpc-protocol-{ADMIN_KEY_HEADER}"  # gRPC metadata key: Triton prefixes it
+
 # Artifact file names inside the artifacts folder written by `train` and read by `ensemble`.
 ARTIFACT_WORKFLOW = "workflow"
 ARTIFACT_QUERY_TOWER = "query_tower"

@@ -87,10 +87,8 @@ def _config_for(repository: Path, version: int) -> mc.ModelConfig:
 
 def _admin_headers() -> dict[str, str] | None:
     """The header that opens the model-repository API of a server started with the same key."""
-    from ensemble.server import ADMIN_KEY_ENV, GRPC_ADMIN_KEY_HEADER
-
-    key = os.environ.get(ADMIN_KEY_ENV)
-    return {GRPC_ADMIN_KEY_HEADER: key} if key else None
+    key = os.environ.get(contract.ADMIN_KEY_ENV)
+    return {contract.GRPC_ADMIN_KEY_HEADER: key} if key else None
 
 
 def _served_version(client) -> int | None:

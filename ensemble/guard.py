@@ -7,7 +7,7 @@ claims 2^40 rows aborts the server (bad_alloc); a shape whose byte size wraps ar
 SIGSEGV; a body of any size is buffered whole; malformed JSON gets a 500. Triton has no flag that
 bounds any of these. The guard checks, with Python integers that never wrap:
 
-1. a Content-Length, at most `max_body_bytes` (no chunked bodies);
+1. a body of at most `max_body_bytes`, announced by Content-Length (no chunked bodies);
 2. JSON that parses (Python's parser refuses deep nesting with RecursionError, it does not crash)
    and, for an inference request, inputs whose shapes are lists of integers in 0..2^31, whose
    element count is at most `max_elements`, and whose `data` holds exactly that many values;
@@ -178,10 +178,10 @@ class HttpGuard:
         if "chunked" in handler.headers.get("Transfer-Encoding", "").lower():
             handler.close_connection = True
             return self.refuse(handler, "chunked request bodies are not accepted; send a Content-Length", 411)
-        length = handler.headers.get("Content-Length")
-        if length is None or not length.isdigit():
+        length = handler.headers.get("Content-Length", "0")  # no Content-Length, no chunks: no body
+        if not length.isdigit():
             handler.close_connection = True
-            return self.refuse(handler, "a POST needs a Content-Length", 411)
+            return self.refuse(handler, f"Content-Length must be a number of bytes, got {length!r}", 400)
         if int(length) > self.limits.max_body_bytes:
             # Read and drop a body up to DRAIN_BYTES so the client hears the answer (a client that
             # is still sending sees a broken pipe otherwise); larger claims are not read at all.

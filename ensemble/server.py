@@ -148,9 +148,8 @@ def free_port(host: str = contract.DEFAULT_HOST) -> int:
 # What a retrieval client never needs: closed to anyone without the admin key. Registering the
 # backend's own shared-memory region and writing an output into it crashed tritonserver 2.51.
 RESTRICTED_APIS = ("shared-memory", "model-repository", "logging", "trace")
-ADMIN_KEY_HEADER = "admin-key"  # HTTP header of the restricted APIs
-GRPC_ADMIN_KEY_HEADER = f"triton-grpc-protocol-{ADMIN_KEY_HEADER}"  # gRPC metadata key: Triton prefixes it
-ADMIN_KEY_ENV = "RETRIEVAL_ADMIN_KEY"
+ADMIN_KEY_HEADER = contract.ADMIN_KEY_HEADER
+ADMIN_KEY_ENV = contract.ADMIN_KEY_ENV
 
 
 def admin_key() -> str:

@@ -53,9 +53,7 @@ def _versions_seen(loop):
 @pytest.fixture(autouse=True)
 def admin_key(monkeypatch):
     """The model-repository API is restricted: the server and the deploy command share a key."""
-    from ensemble.server import ADMIN_KEY_ENV
-
-    monkeypatch.setenv(ADMIN_KEY_ENV, "test-admin-key")
+    monkeypatch.setenv(contract.ADMIN_KEY_ENV, "test-admin-key")
 
 
 def test_switch_and_rollback_under_load(repository, trained, retrained, tmp_path):
@@ -115,11 +113,10 @@ def _state(repo, server):
     import tritonclient.grpc as grpcclient
 
     from ensemble.health import canary
-    from ensemble.server import GRPC_ADMIN_KEY_HEADER
 
     client = grpcclient.InferenceServerClient(server.grpc_url)
     try:
-        index = client.get_model_repository_index(headers={GRPC_ADMIN_KEY_HEADER: "test-admin-key"}, as_json=True)
+        index = client.get_model_repository_index(headers={contract.GRPC_ADMIN_KEY_HEADER: "test-admin-key"}, as_json=True)
         loaded = sorted((m["version"], m["state"]) for m in index["models"] if m.get("state") == "READY")
         return (repo / contract.MODEL_NAME / "config.pbtxt").read_text(), loaded, canary(server.http_url).ok, client.is_server_ready()
     finally:

@@ -19,10 +19,17 @@ def known_users(trained):
     return pd.read_parquet(trained["artifacts"] / contract.ARTIFACT_USER_FEATURES).user_id.to_numpy()
 
 
-def test_the_model_is_ready_in_the_servers_own_list(client):
+def test_the_model_is_ready_in_the_servers_own_list(client, monkeypatch):
+    """The repository index is a restricted API: refused without the admin key or with a wrong one
+    (test_deploy.py lists it with the key)."""
+    from common.errors import ClientError
+
+    monkeypatch.delenv(contract.ADMIN_KEY_ENV, raising=False)
     assert client.server_ready() and client.model_ready()
-    models = client.repository_index()
-    assert [(m["name"], m["state"]) for m in models] == [(contract.MODEL_NAME, "READY")]
+    with pytest.raises(ClientError, match=r"repository index refused by \S+: This (protocol|API) is restricted, expecting header '(triton-grpc-protocol-)?admin-key' \(it needs the server's admin key, \$RETRIEVAL_ADMIN_KEY\)$"):
+        client.repository_index()
+    with pytest.raises(ClientError, match=r"repository index refused by \S+: This (protocol|API) is restricted"):
+        client.repository_index(admin_key="a wrong key")
 
 
 def test_server_answers_equal_the_in_process_pipeline(client, executor, known_users, trained):

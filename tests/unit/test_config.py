@@ -2,7 +2,7 @@
 
 import pytest
 
-from common.config import DataConfig, PipelineConfig, ServeConfig, TrainConfig, config_from_dict, load_config
+from common.config import IndexConfig, DataConfig, PipelineConfig, ServeConfig, TrainConfig, config_from_dict, load_config
 from common.errors import ConfigError
 
 
@@ -83,6 +83,25 @@ def test_missing_and_invalid_files(tmp_path):
         (lambda: ServeConfig(http_port=8001), "ports must differ"),
         (lambda: ServeConfig(default_top_k=2000), "default_top_k must be in 1..max_top_k=1000"),
         (lambda: ServeConfig(http_port=70000), "ports must be in 1..65535"),
+        (lambda: ServeConfig(health_port=8000), r"serve ports must differ, got \(8000, 8001, 8002, 8000\)"),
+        (lambda: ServeConfig(feature_store_timeout_s=0), r"serve.feature_store_timeout_s must be in \(0, 30\], got 0"),
+        (lambda: ServeConfig(index_device="tpu"), "serve.index_device must be cpu, gpu or auto, got 'tpu'"),
+        (lambda: ServeConfig(canary_interval_s=0), "serve.canary_interval_s must be > 0, got 0"),
+        (lambda: ServeConfig(canary_timeout_s=-1), "serve.canary_timeout_s must be > 0, got -1"),
+        (lambda: ServeConfig(recover_after_failures=0), "serve.recover_after_failures must be >= 1, got 0"),
+        (lambda: ServeConfig(max_restarts=0), "serve.max_restarts must be >= 1, got 0"),
+        (lambda: ServeConfig(restart_window_s=0), "serve.restart_window_s must be > 0, got 0"),
+        (lambda: ServeConfig(max_request_bytes=10), "serve.max_request_bytes must be >= 1024, got 10"),
+        (lambda: IndexConfig(kind="lsh"), r"index.kind must be one of \('auto', 'flat', 'ivf', 'hnsw'\), got 'lsh'"),
+        (lambda: IndexConfig(nlist=0), "index.nlist must be >= 1, got 0"),
+        (lambda: IndexConfig(nlist=8, nprobe=9), "index.nprobe must be in 1..nlist=8, got 9"),
+        (lambda: IndexConfig(nprobe=0), "index.nprobe must be in 1..nlist=1024, got 0"),
+        (lambda: IndexConfig(flat_max_items=0), "index.flat_max_items must be >= 1, got 0"),
+        (lambda: IndexConfig(hnsw_m=1), "index.hnsw_m must be >= 2, got 1"),
+        (lambda: IndexConfig(ef_construction=0), "index.ef_construction must be >= 1, got 0"),
+        (lambda: IndexConfig(ef_search=0), "index.ef_search must be >= 1, got 0"),
+        (lambda: IndexConfig(min_recall_at_10=5.0), r"index.min_recall_at_10 must be in \[0, 1\], got 5.0"),
+        (lambda: IndexConfig(recall_sample=0), "index.recall_sample must be >= 1, got 0"),
     ],
 )
 def test_validation_errors(make, message):
