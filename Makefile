@@ -101,7 +101,7 @@ chaos: $(STAMP) ## faults under load on a supervised server (kills, Redis out, b
 gpu-image-resolve: ## pip --dry-run of docker/Dockerfile.gpu's requirement set (faiss-gpu-cu12) in a scratch venv: does it resolve?
 	rm -rf $(BUILD)/gpu-resolve && $(PYTHON_SYS) -m venv $(BUILD)/gpu-resolve
 	$(BUILD)/gpu-resolve/bin/python -m pip install --quiet --disable-pip-version-check pip==23.2.1
-	$(BUILD)/gpu-resolve/bin/python -m pip install --disable-pip-version-check --dry-run --ignore-installed -r requirements-gpu.txt -c constraints.txt | tail -3
+	set -o pipefail; $(BUILD)/gpu-resolve/bin/python -m pip install --disable-pip-version-check --dry-run --ignore-installed -r requirements-gpu.txt -c constraints.txt | tail -1 | fold -w 160
 	rm -rf $(BUILD)/gpu-resolve
 
 bench: $(STAMP) ## serving benchmark at BENCH_ITEMS items: ours vs the Merlin reference vs Triton's floor -> $(BUILD)/bench
