@@ -9,6 +9,7 @@ requests failed, and fails when a bound is broken or an answer changed:
   grpc_stub_killer    a gRPC request that kills the Python-backend stub: the supervisor recovers
   kill_stub           kill -9 of the stub
   kill_tritonserver   kill -9 of tritonserver
+  freeze_tritonserver SIGSTOP of tritonserver (a hung server: Triton's own health never answers)
   redis_stopped       Redis down, then back with its data
   redis_frozen        Redis SIGSTOPped (answers nothing), then SIGCONT
   redis_flushed       Redis loses the export's keys, then they are materialized again
@@ -24,7 +25,9 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -49,7 +52,7 @@ class Bounds:
     recovery_s: float = 30.0  # a dead stub or server: until good answers resume
     redis_recovery_s: float = 5.0  # after Redis answers again
     slowest_request_s: float = 2.0  # while Redis is frozen (the store timeout is 0.5 s)
-    ready_while_failing_s: float = 2.5  # readiness may lag one canary interval, plus polling
+    ready_while_failing_s: float = 3.0  # readiness may lag one canary timeout (2 s), plus polling
     memory_growth_mb: float = 100.0  # server + stubs after the refused large requests
 
 
@@ -213,6 +216,14 @@ def kill_tritonserver(ctx: Context, sup) -> dict:
     return _process_fault("kill_tritonserver", ctx, sup, act)
 
 
+def freeze_tritonserver(ctx: Context, sup) -> dict:
+    def act():
+        pid = sup.server.process.pid
+        os.kill(pid, signal.SIGSTOP)  # the supervisor's restart SIGKILLs it; SIGKILL ends a stopped process
+        return f"stopped tritonserver {pid}"
+    return _process_fault("freeze_tritonserver", ctx, sup, act)
+
+
 # -- Redis -------------------------------------------------------------------------------------
 
 
@@ -282,9 +293,6 @@ def _redis_fault(name: str, ctx: Context, sup, act, restore, expect: str) -> dic
 
 
 def redis_faults(ctx: Context, sup, redis_server: RedisServer, rematerialize) -> list[dict]:
-    import os
-    import signal
-
     import redis
 
     client = redis.Redis.from_url(redis_server.url)
@@ -401,7 +409,7 @@ def run_chaos(repository: Path, artifacts: Path, out: Path, short: bool = False)
     cfg = free_config()
     with SupervisorThread(TritonServer(repository, cfg, log_path=out / "tritonserver.log"), cfg) as sup:
         results += [hostile_http(ctx, sup), refused_memory(ctx, sup)]
-        results += [grpc_stub_killer(ctx, sup), kill_stub(ctx, sup), kill_tritonserver(ctx, sup)]
+        results += [grpc_stub_killer(ctx, sup), kill_stub(ctx, sup), kill_tritonserver(ctx, sup), freeze_tritonserver(ctx, sup)]
 
     redis_server = RedisServer(Path(tempfile.mkdtemp(prefix="chaos-redis-"))).start()
     try:
@@ -422,8 +430,6 @@ def run_chaos(repository: Path, artifacts: Path, out: Path, short: bool = False)
     finally:
         redis_server.stop()
         shutil.rmtree(redis_server.folder, ignore_errors=True)
-
-    import os
 
     from ensemble.server import ADMIN_KEY_ENV
 

@@ -81,6 +81,24 @@ def _exclusion_matrix(exclude: Sequence[Sequence[int]] | None, batch: int) -> np
     return out
 
 
+def grpc_channel_args(tc) -> list[tuple]:
+    """tritonclient's own channel options, plus reconnect backoff capped at 1 s: gRPC's default
+    grows to 120 s, so a client that saw the server restart kept failing for seconds after the
+    server was ready again."""
+    keepalive = tc.KeepAliveOptions()
+    return [
+        ("grpc.max_send_message_length", tc.MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.max_receive_message_length", tc.MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
+        ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 1000),
+    ]
+
+
 class RetrievalClient:
     """Asks the retrieval model for each user's top-k items.
 
@@ -106,7 +124,7 @@ class RetrievalClient:
         self._tc = tc
         try:
             if protocol == "grpc":
-                self._client = tc.InferenceServerClient(self.url)
+                self._client = tc.InferenceServerClient(self.url, channel_args=grpc_channel_args(tc))
             else:
                 self._client = tc.InferenceServerClient(self.url, connection_timeout=timeout_s, network_timeout=timeout_s)
         except Exception as e:  # noqa: BLE001 - bad URL and friends

@@ -290,8 +290,9 @@ class ServeConfig:
         canary_timeout_s: how long a canary may take before it counts as failed.
         recover_after_failures: consecutive canary failures of a dead model (not of the feature
             store) after which the supervisor restarts tritonserver.
-        max_restarts: restarts within `restart_window_s` after which the supervisor gives up
-            and exits non-zero (a crash loop is for a person to look at).
+        max_restarts: restarts within `restart_window_s` after which the supervisor reports a
+            crash loop (ERROR log, /status) and waits longer before each further restart
+            (doubling, at most 60 s); it never gives up on its own.
         restart_window_s: the window of `max_restarts`.
     """
 
@@ -315,7 +316,7 @@ class ServeConfig:
     http_guard: bool = True
     max_request_bytes: int = 8 << 20
     canary_interval_s: float = 1.0
-    canary_timeout_s: float = 5.0
+    canary_timeout_s: float = 2.0
     recover_after_failures: int = 2
     max_restarts: int = 10
     restart_window_s: float = 300.0

@@ -26,12 +26,15 @@ import math
 import re
 import socket
 import threading
+import zlib
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 LOG = logging.getLogger(__name__)
 
 INFER_PATH = re.compile(r"^/v2/models/[^/]+(/versions/\d+)?/infer$")
+# Triton's generate extension: not part of this service's contract, and its own JSON path.
+GENERATE_PATH = re.compile(r"^/v2/models/[^/]+(/versions/\d+)?/generate(_stream)?$")
 DTYPE_BYTES = {"BOOL": 1, "INT8": 1, "UINT8": 1, "INT16": 2, "UINT16": 2, "FP16": 2, "BF16": 2, "INT32": 4, "UINT32": 4,
                "FP32": 4, "INT64": 8, "UINT64": 8, "FP64": 8}
 MAX_DIM = 1 << 31
@@ -50,7 +53,28 @@ def _drain(stream, length: int, chunk: int = 1 << 20) -> None:
 
 
 class Refused(Exception):
-    """A request the guard answers itself, with 400 and this message."""
+    """A request the guard answers itself, with this message and `status` (400 unless said)."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+def _decompress(body: bytes, encoding: str | None, max_bytes: int) -> bytes:
+    """The body as sent (identity) or inflated (gzip, deflate), never past max_bytes."""
+    if not encoding or encoding.lower() == "identity":
+        return body
+    kinds = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+    if encoding.lower() not in kinds:
+        raise Refused(f"Content-Encoding {encoding!r} is not accepted; use gzip, deflate or none", status=415)
+    inflater = zlib.decompressobj(kinds[encoding.lower()])
+    try:
+        out = inflater.decompress(body, max_bytes + 1)
+    except zlib.error as e:
+        raise Refused(f"the {encoding} body cannot be decompressed: {e}") from None
+    if len(out) > max_bytes or inflater.unconsumed_tail:
+        raise Refused(f"the decompressed body is over the maximum of {max_bytes} bytes", status=413)
+    return out
 
 
 @dataclass(frozen=True)
@@ -119,6 +143,20 @@ def check_infer(body: bytes, header_length: int | None, limits: GuardLimits) -> 
         raise Refused(f"binary inputs declare {binary_total} bytes, the body carries {binary_bytes}")
 
 
+CLIENT_TIMEOUT_S = 30.0
+
+
+class QuietHTTPServer(ThreadingHTTPServer):
+    """A threading HTTP server with a deep accept queue (bursts of new connections are not reset;
+    the default backlog is 5) whose client disconnects are one debug line, not a traceback."""
+
+    daemon_threads = True
+    request_queue_size = 1024
+
+    def handle_error(self, request, client_address):
+        LOG.debug("connection from %s ended with an error", client_address, exc_info=True)
+
+
 class HttpGuard:
     """The guard's HTTP server, forwarding to Triton's HTTP endpoint at `upstream` (host:port).
 
@@ -137,6 +175,8 @@ class HttpGuard:
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
+            timeout = CLIENT_TIMEOUT_S  # a connection idle or trickling this long is closed
+
             def setup(self):
                 super().setup()
                 # Headers and body go out as two writes; with Nagle on, the second waits for the
@@ -144,6 +184,9 @@ class HttpGuard:
                 self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
             def do_GET(self):  # noqa: N802
+                if not self.path.startswith("/"):
+                    self.close_connection = True
+                    return guard.refuse(self, f"the request target must be a path starting with '/', got {self.path[:100]!r}")
                 guard.forward(self, b"")
 
             def do_POST(self):  # noqa: N802
@@ -152,8 +195,7 @@ class HttpGuard:
             def log_message(self, *args):
                 pass
 
-        self.server = ThreadingHTTPServer((host, port), Handler)
-        self.server.daemon_threads = True
+        self.server = QuietHTTPServer((host, port), Handler)
         self._thread: threading.Thread | None = None
 
     def start(self) -> "HttpGuard":
@@ -184,45 +226,60 @@ class HttpGuard:
         handler.wfile.write(data)
 
     def handle_post(self, handler) -> None:
-        if "chunked" in handler.headers.get("Transfer-Encoding", "").lower():
+        try:
+            body, path = self._read_checked(handler)
+        except Refused as e:
             handler.close_connection = True
-            return self.refuse(handler, "chunked request bodies are not accepted; send a Content-Length", 411)
-        length = handler.headers.get("Content-Length", "0")  # no Content-Length, no chunks: no body
-        if not length.isdigit():
-            handler.close_connection = True
-            return self.refuse(handler, f"Content-Length must be a number of bytes, got {length!r}", 400)
-        if int(length) > self.limits.max_body_bytes:
+            return self.refuse(handler, str(e), getattr(e, "status", 400))
+        self.forward(handler, body, path)
+
+    def _read_checked(self, handler) -> tuple[bytes, str]:
+        """The request's body (decompressed) and path, once every rule passed; raises Refused."""
+        path = handler.path
+        if not path.startswith("/"):  # absolute-form targets (http://host/...) would slip past the path rules
+            raise Refused(f"the request target must be a path starting with '/', got {path[:100]!r}")
+        route = path.split("?")[0]
+        if GENERATE_PATH.match(route):
+            raise Refused(f"{route} is not served here; use /v2/models/<model>/infer", status=404)
+        if handler.headers.get("Transfer-Encoding"):
+            raise Refused("chunked (or otherwise encoded) request bodies are not accepted; send a Content-Length", status=411)
+        lengths = handler.headers.get_all("Content-Length") or ["0"]  # no Content-Length, no chunks: no body
+        if len(set(lengths)) != 1 or not lengths[0].isdigit():
+            raise Refused(f"exactly one numeric Content-Length is needed, got {lengths}")
+        length = int(lengths[0])
+        if length > self.limits.max_body_bytes:
             # Read and drop a body up to DRAIN_BYTES so the client hears the answer (a client that
             # is still sending sees a broken pipe otherwise); larger claims are not read at all.
-            if int(length) <= DRAIN_BYTES:
-                _drain(handler.rfile, int(length))
-            handler.close_connection = True
-            return self.refuse(handler, f"request body of {int(length)} bytes is over the maximum of {self.limits.max_body_bytes}", 413)
-        body = handler.rfile.read(int(length))
-        if INFER_PATH.match(handler.path.split("?")[0]):
+            if length <= DRAIN_BYTES:
+                _drain(handler.rfile, length)
+            raise Refused(f"request body of {length} bytes is over the maximum of {self.limits.max_body_bytes}", status=413)
+        body = _decompress(handler.rfile.read(length), handler.headers.get("Content-Encoding"), self.limits.max_body_bytes)
+        if INFER_PATH.match(route):
             header = handler.headers.get("Inference-Header-Content-Length")
-            try:
-                if header is not None and not header.isdigit():
-                    raise Refused(f"Inference-Header-Content-Length must be a number, got {header!r}")
-                check_infer(body, int(header) if header is not None else None, self.limits)
-            except Refused as e:
-                return self.refuse(handler, str(e))
+            if header is not None and not header.isdigit():
+                raise Refused(f"Inference-Header-Content-Length must be a number, got {header!r}")
+            check_infer(body, int(header) if header is not None else None, self.limits)
         elif body:
+            # Every other POST of the API takes JSON; what Python cannot parse (deep nesting, bytes
+            # that are not UTF-8) is refused rather than handed to a parser without those bounds.
             try:
                 json.loads(body)
             except RecursionError:
-                return self.refuse(handler, "request JSON is nested too deeply")
-            except (ValueError, UnicodeDecodeError):
-                pass  # not ours to judge: Triton answers it
-        self.forward(handler, body)
+                raise Refused("request JSON is nested too deeply") from None
+            except (ValueError, UnicodeDecodeError) as e:
+                raise Refused(f"request body is not valid JSON: {e}") from None
+        return body, path
 
-    def forward(self, handler, body: bytes) -> None:
-        headers = {k: v for k, v in handler.headers.items() if k.lower() not in HOP_BY_HOP and k.lower() != "host"}
+    def forward(self, handler, body: bytes, path: str | None = None) -> None:
+        # The body forwarded is the one checked: its length is set here (http.client), never the
+        # client's headers, and it travels decompressed.
+        dropped = HOP_BY_HOP | {"host", "content-length", "content-encoding"}
+        headers = {k: v for k, v in handler.headers.items() if k.lower() not in dropped}
         for attempt in (1, 2):  # a kept-alive connection Triton closed is retried once, fresh
             conn = None
             try:
                 conn = self._connection()
-                conn.request(handler.command, handler.path, body=body if handler.command == "POST" else None, headers=headers)
+                conn.request(handler.command, path or handler.path, body=body if handler.command == "POST" else None, headers=headers)
                 response = conn.getresponse()
                 data = response.read()
                 break

@@ -371,9 +371,9 @@ class TritonServer:
                 os.unlink(f"/dev/shm/{name}")
                 LOG.debug("removed /dev/shm/%s left by tritonserver", name)
 
-    def close(self) -> int | None:
+    def close(self, timeout_s: float = 30.0) -> int | None:
         """stop() and also close the HTTP guard (stop() alone keeps it for a restart)."""
-        code = self.stop()
+        code = self.stop(timeout_s)
         if self._guard is not None:
             self._guard.stop()
             self._guard = None

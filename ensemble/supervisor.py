@@ -6,8 +6,9 @@
   version): `recover_after_failures` canaries in a row fail, then tritonserver is restarted.
 - the feature store is unreachable, frozen or flushed: readiness is false with the store's own
   message, and nothing is restarted (a new server would not bring Redis back).
-- more than `max_restarts` restarts within `restart_window_s`: a crash loop; it gives up and
-  exits non-zero so that a person (or the orchestrator's policy) looks at it.
+- more than `max_restarts` restarts within `restart_window_s`: a crash loop. It is logged at ERROR
+  and shown on /status, and each further restart waits longer (doubling, at most 60 s) instead of
+  giving up: a few hostile requests must not stop the service for good.
 
 Readiness and liveness are served on `health_port`: GET /ready answers 200 only while the last
 canary passed (503 with the reason otherwise), GET /live 200 while the supervisor runs,
@@ -23,19 +24,19 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 from common import contract
 from common.config import ServeConfig
 from common.errors import ServerError
+from ensemble.guard import QuietHTTPServer
 from ensemble.health import FEATURE_STORE, OK, CanaryResult, canary, canary_user
 from ensemble.server import TritonServer
 
 LOG = logging.getLogger(__name__)
 
 
-class CrashLoopError(ServerError):
-    """tritonserver was restarted more than max_restarts times within restart_window_s."""
+MAX_BACKOFF_S = 60.0
 
 
 def describe_exit(code: int | None) -> str:
@@ -57,6 +58,7 @@ class HealthState:
     ready: bool = False
     reason: str = "starting"
     restarts: int = 0
+    crash_loop: bool = False
     restart_causes: list = field(default_factory=list)
     last_canary: CanaryResult | None = None
     since: float = field(default_factory=time.time)
@@ -65,6 +67,7 @@ class HealthState:
         last = self.last_canary
         return {
             "ready": self.ready, "reason": self.reason, "since_unix_s": round(self.since, 3), "restarts": self.restarts,
+            "crash_loop": self.crash_loop,
             "restart_causes": self.restart_causes[-10:],
             "last_canary": None if last is None else {"kind": last.kind, "detail": last.detail, "latency_ms": round(last.latency_s * 1e3, 2)},
         }
@@ -111,8 +114,7 @@ class Supervisor:
             def log_message(self, *args):  # health checks every few seconds: keep the log quiet
                 pass
 
-        self._health = ThreadingHTTPServer((self.cfg.host, self.cfg.health_port), Handler)
-        self._health.daemon_threads = True
+        self._health = QuietHTTPServer((self.cfg.host, self.cfg.health_port), Handler)
         threading.Thread(target=self._health.serve_forever, name="health", daemon=True).start()
 
     @property
@@ -140,9 +142,17 @@ class Supervisor:
         now = time.monotonic()
         while self._restarts and now - self._restarts[0] > self.cfg.restart_window_s:
             self._restarts.popleft()
-        if len(self._restarts) >= self.cfg.max_restarts:
-            raise CrashLoopError(f"tritonserver restarted {len(self._restarts)} times in {self.cfg.restart_window_s:.0f} s; "
-                              f"giving up (last cause: {cause})")
+        excess = len(self._restarts) - self.cfg.max_restarts + 1
+        if excess > 0:
+            wait_s = min(MAX_BACKOFF_S, 2.0 ** excess)
+            self.state.crash_loop = True
+            LOG.error("crash loop: %d restarts in %.0f s (last cause: %s); waiting %.0f s before the next",
+                      len(self._restarts), self.cfg.restart_window_s, cause, wait_s)
+            self._stop.wait(wait_s)
+            if self._stop.is_set():
+                return
+        else:
+            self.state.crash_loop = False
         self._restarts.append(now)
         self.state.restarts += 1
         self.state.restart_causes.append({"unix_s": round(time.time(), 3), "cause": cause})
@@ -182,8 +192,6 @@ class Supervisor:
             if code is not None:
                 try:
                     self._restart(f"tritonserver {describe_exit(code)}" if code != -1 else "tritonserver could not be started")
-                except CrashLoopError:
-                    raise
                 except ServerError as e:
                     LOG.error("restart failed: %s", e)  # counted in the restart budget; tried again
                     self.server.process = None
@@ -221,7 +229,7 @@ class Supervisor:
     def stop(self) -> int | None:
         self._stop.set()
         with self._lock:
-            code = self.server.close()
+            code = self.server.close(timeout_s=10)
         if self._health is not None:
             self._health.shutdown()
             self._health.server_close()
@@ -250,7 +258,8 @@ class Supervisor:
             return 1
         code = self.stop()
         LOG.info("tritonserver stopped (%s); %d restart(s) while serving", describe_exit(code), self.state.restarts)
-        return 0 if stopping.is_set() and code in (0, -signal.SIGTERM, None) else 1
+        # Asked to stop, it stopped: even a server that had to be killed (a frozen one) is a clean stop.
+        return 0 if stopping.is_set() else 1
 
 
 class SupervisorThread:

@@ -13,7 +13,8 @@ def chaos_report(repository, trained, tmp_path_factory):
     return run_chaos(repository, trained["artifacts"], tmp_path_factory.mktemp("chaos"), short=True)
 
 
-FAULTS = ["hostile_http", "refused_memory", "grpc_stub_killer", "kill_stub", "kill_tritonserver", "redis_stopped",
+FAULTS = ["hostile_http", "refused_memory", "grpc_stub_killer", "kill_stub", "kill_tritonserver", "freeze_tritonserver",
+          "redis_stopped",
           "redis_frozen", "redis_flushed", "failed_deploy", "corrupted_artifact"]
 
 
