@@ -52,7 +52,7 @@ class Bounds:
     recovery_s: float = 30.0  # a dead stub or server: until good answers resume
     redis_recovery_s: float = 5.0  # after Redis answers again
     slowest_request_s: float = 2.0  # while Redis is frozen (the store timeout is 0.5 s)
-    ready_while_failing_s: float = 3.0  # readiness may lag one canary timeout (2 s), plus polling
+    ready_while_failing_s: float = 3.5  # one canary timeout (2 s) + interval + polling + the client's reconnect
     stub_growth_mb: float = 32.0  # our model's process over the refused large requests, after warm-up
     server_growth_mb: float = 150.0  # tritonserver's gRPC front end keeps buffers at a high-water mark
 
@@ -279,6 +279,7 @@ def _redis_fault(name: str, ctx: Context, sup, act, restore, expect: str) -> dic
     figures = probe.report(started)
     after_back = [r for r in probe.requests if r[0] >= back]
     resumed = next((r[0] - back for r in after_back if r[1] and not any(not x[1] for x in after_back if x[0] > r[0])), None)
+    # Requests are recorded when they end: the longest gap between two endings is the longest request.
     slowest = max((b[0] - a[0] for a, b in zip(probe.requests, probe.requests[1:]) if started <= a[0] <= back), default=0.0)
     figures.update({"outage_s": ctx.outage_s, "seconds_after_redis_back": None if resumed is None else round(resumed, 2),
                     "slowest_request_s": round(slowest, 2)})

@@ -131,7 +131,7 @@ class Probe:
     users: list[int]
     expected: np.ndarray
     top_k: int
-    requests: list = field(default_factory=list)  # (t, ok, error text or None)
+    requests: list = field(default_factory=list)  # (t when it ended, ok, error text or None)
     readiness: list = field(default_factory=list)  # (t, ready)
     wrong: int = 0
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -140,17 +140,18 @@ class Probe:
         from client.client import RetrievalClient
 
         client = None
+        # Each request is recorded when it ends: that is when its client learns the outcome (a
+        # request that hangs on a frozen server fails seconds after it started).
         while not self._stop.is_set():
-            t = time.monotonic()
             try:
                 if client is None:
                     client = RetrievalClient(self.grpc_url, timeout_s=5.0)
                 recs = client.recommend(self.users, top_k=self.top_k)
                 if not np.array_equal(recs.item_ids, self.expected):
                     self.wrong += 1
-                self.requests.append((t, True, None))
+                self.requests.append((time.monotonic(), True, None))
             except Exception as e:  # noqa: BLE001 - every failure is a data point
-                self.requests.append((t, False, str(e)[:300]))
+                self.requests.append((time.monotonic(), False, str(e)[:300]))
                 if client is not None:
                     client.close()
                 client = None
