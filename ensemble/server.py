@@ -242,6 +242,7 @@ class TritonServer:
         self._backends: Path | None = None
         self._log = None
         self._shm_before: set[str] = set()
+        self._tmp_before: set[Path] = set()
 
     @property
     def http_url(self) -> str:
@@ -280,6 +281,7 @@ class TritonServer:
         if self.log_path is not None:
             self._log = open(self.log_path, "ab")
         self._shm_before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+        self._tmp_before = set(Path(tempfile.gettempdir()).glob("python_env_*"))
         self.process = subprocess.Popen(
             cmd, env={**server_environment(self.stack), **(self.extra_env or {})}, stdout=self._log, stderr=subprocess.STDOUT if self._log else None,
             start_new_session=True,
@@ -331,6 +333,7 @@ class TritonServer:
         if self.process is not None:
             self._end_group()
             self._remove_shm()
+            self._remove_tmp()
         if self._log is not None:
             self._log.close()
             self._log = None
@@ -360,6 +363,13 @@ class TritonServer:
             except ProcessLookupError:
                 return
             time.sleep(0.05)
+
+    def _remove_tmp(self) -> None:
+        """Removes the empty python_env_* folders the Python backend makes per model instance and
+        leaves behind; a folder some other server still uses is not empty, and rmdir refuses it."""
+        for folder in set(Path(tempfile.gettempdir()).glob("python_env_*")) - self._tmp_before:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
     def _remove_shm(self) -> None:
         """Removes Python-backend regions that appeared while this server ran and no process maps."""
