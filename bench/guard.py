@@ -14,7 +14,7 @@ from pathlib import Path
 
 def measure(repository: Path, guard: bool, requests: int, users: list[int]) -> tuple[float, float]:
     """(p50, p99) in ms of HTTP requests for `users` on a fresh server."""
-    from client.chaos import free_config
+    from client.scenarios import free_config
     from client.client import RetrievalClient
     from ensemble.server import TritonServer
 

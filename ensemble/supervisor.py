@@ -88,7 +88,7 @@ class Supervisor:
         self._stop = threading.Event()
         self._lock = threading.Lock()  # start/stop of the server: the supervising thread vs stop()
         self._restarts: deque[float] = deque()
-        self._health: ThreadingHTTPServer | None = None
+        self._health: QuietHTTPServer | None = None
 
     # -- health endpoints -------------------------------------------------------------------
     def start_health_server(self) -> None:

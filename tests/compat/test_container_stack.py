@@ -24,7 +24,8 @@ CONTAINER_ENV = {"PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION": "python"}  # as the M
 
 @pytest.fixture(scope="module")
 def container_server(repository, compat_python, tmp_path_factory):
-    from ensemble.server import ServerStack, TritonServer
+    from ensemble.server import TritonServer
+    from ensemble.stack import ServerStack
     from tests.integration.conftest import free_serve_config
 
     stack = ServerStack.of_python(compat_python)
@@ -115,7 +116,8 @@ def test_a_redis_feature_store_without_redis_py_fails_the_load_in_one_line(train
     from common.errors import ServerError
     from common.manifest import artifacts_config, read_manifest
     from ensemble.build import build_repository
-    from ensemble.server import ServerStack, TritonServer
+    from ensemble.server import TritonServer
+    from ensemble.stack import ServerStack
     from tests.integration.conftest import free_serve_config
 
     cfg = artifacts_config(read_manifest(trained["artifacts"]))
