@@ -145,7 +145,6 @@ class TritonServer:
         self._backends: Path | None = None
         self._log = None
         self._shm_before: set[str] = set()
-        self._tmp_before: set[Path] = set()
 
     @property
     def http_url(self) -> str:
@@ -184,7 +183,6 @@ class TritonServer:
         if self.log_path is not None:
             self._log = open(self.log_path, "ab")
         self._shm_before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
-        self._tmp_before = set(Path(tempfile.gettempdir()).glob("python_env_*"))
         self.process = subprocess.Popen(
             cmd, env={**server_environment(self.stack), **(self.extra_env or {})}, stdout=self._log, stderr=subprocess.STDOUT if self._log else None,
             start_new_session=True,
@@ -221,7 +219,9 @@ class TritonServer:
     def stop(self, timeout_s: float = 30.0) -> int | None:
         """SIGTERM, wait, SIGKILL if it hangs; returns the exit code. Then ends what is left of its
         process group (stubs of a server that died), removes the shared-memory regions it left
-        and the backend folder."""
+        and the backend folder. (A killed server also leaves the Python backend's empty
+        /tmp/python_env_* folder; nothing tells whose it is, and removing a live server's makes
+        that server abort when it stops, so they stay.)"""
         code = None
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
@@ -236,7 +236,6 @@ class TritonServer:
         if self.process is not None:
             self._end_group()
             self._remove_shm()
-            self._remove_tmp()
         if self._log is not None:
             self._log.close()
             self._log = None
@@ -266,13 +265,6 @@ class TritonServer:
             except ProcessLookupError:
                 return
             time.sleep(0.05)
-
-    def _remove_tmp(self) -> None:
-        """Removes the empty python_env_* folders the Python backend makes per model instance and
-        leaves behind; a folder some other server still uses is not empty, and rmdir refuses it."""
-        for folder in set(Path(tempfile.gettempdir()).glob("python_env_*")) - self._tmp_before:
-            with contextlib.suppress(OSError):
-                folder.rmdir()
 
     def _remove_shm(self) -> None:
         """Removes Python-backend regions that appeared while this server ran and no process maps."""
