@@ -37,14 +37,10 @@ class Bounds:
 
 
 def free_config(**overrides) -> ServeConfig:
-    from ensemble.server import free_port
+    """Free ports, and a canary every 0.5 s so that faults show quickly."""
+    from ensemble.server import free_serve_config
 
-    ports = set()
-    while len(ports) < 4:
-        ports.add(free_port())
-    http, grpc, metrics, health = sorted(ports)
-    return ServeConfig(http_port=http, grpc_port=grpc, metrics_port=metrics, health_port=health, ready_timeout_s=240,
-                       canary_interval_s=0.5, **overrides)
+    return free_serve_config(**{"canary_interval_s": 0.5, **overrides})
 
 
 @dataclass
@@ -191,20 +187,21 @@ def kill_stub(ctx: Context, sup) -> dict:
     return _process_fault("kill_stub", ctx, sup, act)
 
 
-def kill_tritonserver(ctx: Context, sup) -> dict:
+def _signal_tritonserver(name: str, ctx: Context, sup, sig: signal.Signals) -> dict:
     def act():
         pid = sup.server.process.pid
-        faults.kill9(pid)
-        return f"killed tritonserver {pid}"
-    return _process_fault("kill_tritonserver", ctx, sup, act)
+        os.kill(pid, sig)
+        return f"sent {sig.name} to tritonserver {pid}"
+    return _process_fault(name, ctx, sup, act)
+
+
+def kill_tritonserver(ctx: Context, sup) -> dict:
+    return _signal_tritonserver("kill_tritonserver", ctx, sup, signal.SIGKILL)
 
 
 def freeze_tritonserver(ctx: Context, sup) -> dict:
-    def act():
-        pid = sup.server.process.pid
-        os.kill(pid, signal.SIGSTOP)  # the supervisor's restart SIGKILLs it; SIGKILL ends a stopped process
-        return f"stopped tritonserver {pid}"
-    return _process_fault("freeze_tritonserver", ctx, sup, act)
+    # A hung server: the supervisor's restart SIGKILLs it (SIGKILL ends a stopped process too).
+    return _signal_tritonserver("freeze_tritonserver", ctx, sup, signal.SIGSTOP)
 
 
 # -- Redis -------------------------------------------------------------------------------------

@@ -48,6 +48,11 @@ def write_config(repository: Path, config: mc.ModelConfig, version: int, model: 
     """Writes config.pbtxt serving exactly `version`, atomically (write, then rename)."""
     config.version_policy.Clear()
     config.version_policy.specific.versions.append(version)
+    _replace_config(repository, config, model)
+
+
+def _replace_config(repository: Path, config: mc.ModelConfig, model: str = contract.MODEL_NAME) -> None:
+    """config.pbtxt replaced in one rename: a server never reads half of it."""
     target = Path(repository) / model / "config.pbtxt"
     tmp = target.with_suffix(".pbtxt.tmp")
     tmp.write_text(text_format.MessageToString(config))
@@ -160,10 +165,7 @@ def _restore(repository: Path, config: mc.ModelConfig) -> None:
     serves crashes tritonserver 2.51 (SIGSEGV when the old instance unloads). Triton's table
     keeps the failed version's state, which is why the server runs with
     --strict-readiness=false and readiness that tells the truth comes from the canary."""
-    target = Path(repository) / contract.MODEL_NAME / "config.pbtxt"
-    tmp = target.with_suffix(".pbtxt.tmp")
-    tmp.write_text(text_format.MessageToString(config))
-    os.replace(tmp, target)
+    _replace_config(repository, config)
 
 
 def deploy(repository: Path, artifacts: Path, url: str, cfg: PipelineConfig | None = None) -> int:

@@ -91,11 +91,14 @@ class GuardLimits:
 
 
 def _count_values(data, depth: int = 0) -> int:
-    if isinstance(data, list):
-        if depth > 8:
-            raise Refused("input 'data' is nested deeper than any tensor shape")
-        return sum(_count_values(x, depth + 1) for x in data)
-    return 1
+    """Scalars in (possibly nested) JSON lists; a flat list is counted without a Python loop."""
+    if not isinstance(data, list):
+        return 1
+    if depth > 8:
+        raise Refused("input 'data' is nested deeper than any tensor shape")
+    if list not in set(map(type, data)):  # map and set run in C: 256k exclusions cost no Python loop
+        return len(data)
+    return sum(_count_values(x, depth + 1) for x in data)
 
 
 def check_infer(body: bytes, header_length: int | None, limits: GuardLimits) -> None:

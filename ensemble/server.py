@@ -61,6 +61,16 @@ def admin_key() -> str:
     return os.environ.get(ADMIN_KEY_ENV) or secrets.token_hex(16)
 
 
+def free_serve_config(**overrides) -> ServeConfig:
+    """A ServeConfig on four ports the OS reports free (tests, chaos, benchmarks; never the defaults)."""
+    ports = set()
+    while len(ports) < 4:
+        ports.add(free_port())
+    http, grpc, metrics, health = sorted(ports)
+    return ServeConfig(**{"http_port": http, "grpc_port": grpc, "metrics_port": metrics, "health_port": health,
+                          "ready_timeout_s": 240, **overrides})
+
+
 def server_command(binary: Path, repository: Path, backends: Path | None, cfg: ServeConfig, model_control: str = "none",
                    model: str = contract.MODEL_NAME, known_flags: frozenset[str] | None = None,
                    key: str | None = None, http_host: str | None = None) -> list[str]:

@@ -75,8 +75,6 @@ class TritonPythonModel:
             self.metrics.record_failure("error", len(requests))
             pb_utils.Logger.log_error("retrieval graph failed:\n" + traceback.format_exc())
             return [self._failed("internal error while serving this batch; see the server log", INTERNAL) for _ in requests]
-        finally:
-            del parsed
         responses = []
         for i, answer in enumerate(answers):
             if i in refused or isinstance(answer, RequestError):

@@ -4,17 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from common.config import ServeConfig
-
-
-def free_serve_config() -> ServeConfig:
-    from ensemble.server import free_port
-
-    ports = set()
-    while len(ports) < 4:
-        ports.add(free_port())
-    http, grpc, metrics, health = sorted(ports)
-    return ServeConfig(http_port=http, grpc_port=grpc, metrics_port=metrics, health_port=health, ready_timeout_s=240)
+from ensemble.server import free_serve_config  # noqa: F401 - the tests import it from here
 
 
 @pytest.fixture(scope="session")

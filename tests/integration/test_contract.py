@@ -5,9 +5,9 @@ import re
 
 import numpy as np
 import pandas as pd
-import psutil
 import pytest
 
+from client import faults
 from client.bad_requests import CASES, corpus, send
 from common import contract
 
@@ -20,7 +20,7 @@ def known_users(trained):
 
 
 def stub_pids(server) -> set[int]:
-    return {p.pid for p in psutil.Process(server.process.pid).children(recursive=True) if "triton_python_backend_stub" in p.name()}
+    return set(faults.stub_pids(server.process.pid))
 
 
 def test_batches_of_1_7_and_256_give_the_same_per_user_answers(client, known_users):
