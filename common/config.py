@@ -70,7 +70,14 @@ class DataConfig:
         personal_taste: weight of each user's own taste against the one shared with their
             demographic group (synthetic; 0 makes users of a group identical).
         affinity_scale: how sharply clicks follow the user-item affinity (synthetic).
-        valid_fraction: share of each user's impressions held out for validation.
+        valid_fraction: share of each user's held-out candidates (see `holdout`) held out for
+            validation.
+        holdout: what can be held out: "all" interactions (impressions, clicked or not) or
+            "positives" only (every non-positive then stays in training).
+        holdout_by: "time" (each user's latest, needs `timestamp`), "random", or "auto" (time
+            when `timestamp` is set, random otherwise).
+        holdout_min: at least this many held out per user who has more candidates than that
+            (users with fewer stay entirely in training).
         seed: seed of every random draw in data generation and splitting.
         user_id: column holding the user id.
         item_id: column holding the item id.
@@ -99,6 +106,9 @@ class DataConfig:
     personal_taste: float = 0.7
     affinity_scale: float = 12.0
     valid_fraction: float = 0.2
+    holdout: str = "all"
+    holdout_by: str = "auto"
+    holdout_min: int = 0
     seed: int = 42
     user_id: str = "user_id"
     item_id: str = "item_id"
@@ -128,6 +138,10 @@ class DataConfig:
         _check(self.personal_taste >= 0, "data.personal_taste must be >= 0")
         _check(self.affinity_scale > 0, "data.affinity_scale must be > 0")
         _check(0.0 < self.valid_fraction < 1.0, "data.valid_fraction must be in (0, 1)")
+        _check(self.holdout in ("all", "positives"), f"data.holdout must be all or positives, got {self.holdout!r}")
+        _check(self.holdout_by in ("auto", "time", "random"), f"data.holdout_by must be auto, time or random, got {self.holdout_by!r}")
+        _check(self.holdout_by != "time" or bool(self.timestamp), "data.holdout_by=time needs data.timestamp")
+        _check(self.holdout_min >= 0, f"data.holdout_min must be >= 0, got {self.holdout_min}")
         reserved = {contract.INPUT_USER_ID, contract.INPUT_EXCLUDE, contract.OUTPUT_ITEM_IDS, contract.OUTPUT_SCORES,
                     contract.OUTPUT_UNKNOWN, contract.PARAM_TOP_K, contract.PARAM_EXCLUDE_SEEN, "query_embedding"}
         clash = sorted(reserved & set(self.user_features))
@@ -141,6 +155,11 @@ class DataConfig:
     def is_positive(self, labels):
         """Boolean mask of positive interactions for an array or Series of labels."""
         return labels >= self.positive_min if self.positive_min is not None else labels == self.positive_value
+
+    @property
+    def split_by_time(self) -> bool:
+        """Whether the hold-out takes each user's latest interactions (else a random share)."""
+        return self.holdout_by == "time" or (self.holdout_by == "auto" and bool(self.timestamp))
 
     @property
     def user_columns(self) -> tuple[str, ...]:
@@ -161,7 +180,10 @@ class TrainConfig:
         embedding_dim: size of every categorical embedding table feeding the towers.
         batch_size: training batch size, which is also the number of in-batch negatives.
         epochs: maximum training epochs.
-        learning_rate: Adam learning rate.
+        optimizer: "adam" or "adagrad". Keras 2.12's Adam updates every row of every embedding
+            table at each step (its moments decay everywhere), so a step costs O(table rows);
+            Adagrad touches only the rows a batch uses, which is what large catalogues need.
+        learning_rate: the optimizer's learning rate.
         temperature: logits are divided by it before the in-batch softmax.
         logq_correction: weight of the log-popularity correction of in-batch logits (0: off).
         dropout: dropout after each hidden MLP layer.
@@ -175,6 +197,7 @@ class TrainConfig:
     embedding_dim: int = 32
     batch_size: int = 1024
     epochs: int = 12
+    optimizer: str = "adam"
     learning_rate: float = 0.005
     temperature: float = 0.05
     logq_correction: float = 1.0
@@ -193,6 +216,7 @@ class TrainConfig:
         _check(self.embedding_dim >= 1, "train.embedding_dim must be >= 1")
         _check(self.batch_size >= 2, "train.batch_size must be >= 2 (in-batch negatives)")
         _check(self.epochs >= 1, "train.epochs must be >= 1")
+        _check(self.optimizer in ("adam", "adagrad"), f"train.optimizer must be adam or adagrad, got {self.optimizer!r}")
         _check(self.learning_rate > 0, "train.learning_rate must be > 0")
         _check(self.temperature > 0, "train.temperature must be > 0")
         _check(self.logq_correction >= 0, "train.logq_correction must be >= 0")
@@ -206,17 +230,68 @@ class TrainConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    """The full-catalogue evaluation: which users, how many seeds, how sure.
+
+    Users with a held-out positive are split once (seeded by `data.seed`) into tuning users
+    (early stopping, ALS tuning) and reported users; the two never overlap.
+
+    Attributes:
+        seeds: models trained and scored per method (the two-tower model with train.seed,
+            train.seed + 1, ...; the baselines with their own seeds); tables show the mean.
+            The artifacts serve the first seed's model.
+        max_users: reported users, a seeded sample when more have held-out positives (None: all).
+        tune_fraction: share of the users with held-out positives set aside for tuning.
+        max_tune_users: at most this many tuning users (a seeded sample).
+        bootstrap: paired bootstrap resamples of the reported users for each interval.
+        confidence: the intervals' coverage; a verdict says BEATS or LOSES TO only when the
+            interval of (two-tower minus baseline) excludes zero, TIES otherwise.
+        als_budget_s: the ALS baseline's grid search stops starting new settings after this
+            many seconds (the settings are tried from the likeliest; at least one always runs).
+    """
+
+    seeds: int = 3
+    max_users: int | None = 20_000
+    tune_fraction: float = 0.5
+    max_tune_users: int = 5_000
+    bootstrap: int = 1000
+    confidence: float = 0.95
+    als_budget_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        _check(self.seeds >= 1, f"eval.seeds must be >= 1, got {self.seeds}")
+        _check(self.max_users is None or self.max_users >= 1, f"eval.max_users must be >= 1 or null, got {self.max_users}")
+        _check(0.0 < self.tune_fraction < 1.0, f"eval.tune_fraction must be in (0, 1), got {self.tune_fraction}")
+        _check(self.max_tune_users >= 1, f"eval.max_tune_users must be >= 1, got {self.max_tune_users}")
+        _check(self.bootstrap >= 100, f"eval.bootstrap must be >= 100, got {self.bootstrap}")
+        _check(0.5 < self.confidence < 1.0, f"eval.confidence must be in (0.5, 1), got {self.confidence}")
+        _check(self.als_budget_s > 0, f"eval.als_budget_s must be > 0, got {self.als_budget_s}")
+
+
+@dataclass(frozen=True, kw_only=True)
 class IndexConfig:
     """The FAISS index served for top-K search.
 
     Attributes:
-        kind: "auto" (flat up to flat_max_items, IVF above), "flat" (exact inner product),
-            "ivf" (IVF-Flat) or "hnsw" (HNSW-Flat). `make bench` measures all three at 1M items:
-            IVF1024 with nprobe 16 kept recall@10 at 0.987 for 0.13 ms a query, HNSW32 reached
-            0.68 at ef 128 on these inner-product embeddings with twice the memory.
+        kind: "auto" (flat up to flat_max_items, IVF-Flat up to ivf_max_items, IVF-SQ above),
+            "flat" (exact inner product), "ivf" (IVF-Flat), "ivf_sq" (IVF whose lists hold
+            scalar-quantized codes, `sq_type`: a quarter of the memory at SQ8) or "hnsw"
+            (HNSW-Flat). `make bench` measures them: at 1M items IVF1024 with nprobe 16 kept
+            recall@10 at 0.987 for 0.13 ms a query, HNSW32 reached 0.68 at ef 128 on these
+            inner-product embeddings with twice the memory; at 10M, IVF-Flat needs 2.6 GB.
         flat_max_items: the largest catalogue that "auto" serves with an exact index.
-        nlist: IVF cells; capped at the catalogue size / 39 so that k-means has data.
-        nprobe: IVF cells visited per query.
+        ivf_max_items: the largest catalogue that "auto" serves with IVF-Flat (float vectors in
+            the lists); above it, "auto" builds ivf_sq with sq_nlist cells and sq_nprobe.
+        nlist: IVF-Flat cells; capped at the catalogue size / 39 so that k-means has data.
+        nprobe: IVF-Flat cells visited per query.
+        sq_nlist: IVF-SQ cells (capped as nlist is).
+        sq_nprobe: IVF-SQ cells visited per query.
+        sq_type: the code of each vector in IVF-SQ lists: "SQ8" (1 byte a dimension), "SQ6",
+            "SQ4" or "SQfp16" (2 bytes a dimension).
+        train_points_per_cell: IVF k-means is trained on a seeded sample of this many vectors
+            per cell (FAISS itself caps at 256), not on the whole catalogue.
+        add_chunk: vectors added to an IVF index per call, which bounds the temporary memory
+            of assigning them to cells.
         hnsw_m: HNSW graph degree.
         ef_construction: HNSW build-time beam width.
         ef_search: HNSW search-time beam width.
@@ -226,8 +301,14 @@ class IndexConfig:
 
     kind: str = "auto"
     flat_max_items: int = 20_000
+    ivf_max_items: int = 2_000_000
     nlist: int = 1024
     nprobe: int = 16
+    sq_nlist: int = 4096
+    sq_nprobe: int = 32
+    sq_type: str = "SQ8"
+    train_points_per_cell: int = 64
+    add_chunk: int = 1_000_000
     hnsw_m: int = 32
     ef_construction: int = 200
     ef_search: int = 128
@@ -235,11 +316,19 @@ class IndexConfig:
     recall_sample: int = 1000
 
     def __post_init__(self) -> None:
-        kinds = ("auto", "flat", "ivf", "hnsw")
+        kinds = ("auto", "flat", "ivf", "ivf_sq", "hnsw")
         _check(self.kind in kinds, f"index.kind must be one of {kinds}, got {self.kind!r}")
         _check(self.nlist >= 1, f"index.nlist must be >= 1, got {self.nlist}")
         _check(1 <= self.nprobe <= self.nlist, f"index.nprobe must be in 1..nlist={self.nlist}, got {self.nprobe}")
         _check(self.flat_max_items >= 1, f"index.flat_max_items must be >= 1, got {self.flat_max_items}")
+        _check(self.ivf_max_items >= self.flat_max_items,
+               f"index.ivf_max_items must be >= flat_max_items={self.flat_max_items}, got {self.ivf_max_items}")
+        _check(self.sq_nlist >= 1, f"index.sq_nlist must be >= 1, got {self.sq_nlist}")
+        _check(1 <= self.sq_nprobe <= self.sq_nlist, f"index.sq_nprobe must be in 1..sq_nlist={self.sq_nlist}, got {self.sq_nprobe}")
+        sq_types = ("SQ8", "SQ6", "SQ4", "SQfp16")
+        _check(self.sq_type in sq_types, f"index.sq_type must be one of {sq_types}, got {self.sq_type!r}")
+        _check(self.train_points_per_cell >= 39, f"index.train_points_per_cell must be >= 39, got {self.train_points_per_cell}")
+        _check(self.add_chunk >= 1, f"index.add_chunk must be >= 1, got {self.add_chunk}")
         _check(self.hnsw_m >= 2, f"index.hnsw_m must be >= 2, got {self.hnsw_m}")
         _check(self.ef_construction >= 1, f"index.ef_construction must be >= 1, got {self.ef_construction}")
         _check(self.ef_search >= 1, f"index.ef_search must be >= 1, got {self.ef_search}")
@@ -250,7 +339,9 @@ class IndexConfig:
         """The index kind actually built for a catalogue of n_items."""
         if self.kind != "auto":
             return self.kind
-        return "flat" if n_items <= self.flat_max_items else "ivf"
+        if n_items <= self.flat_max_items:
+            return "flat"
+        return "ivf" if n_items <= self.ivf_max_items else "ivf_sq"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -355,6 +446,7 @@ class PipelineConfig:
 
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
 
@@ -362,7 +454,7 @@ class PipelineConfig:
         return dataclasses.asdict(self)
 
 
-_SECTION_TYPES = {"data": DataConfig, "train": TrainConfig, "index": IndexConfig, "serve": ServeConfig}
+_SECTION_TYPES = {"data": DataConfig, "train": TrainConfig, "eval": EvalConfig, "index": IndexConfig, "serve": ServeConfig}
 
 
 def _coerce(section: str, name: str, hint: Any, value: Any) -> Any:

@@ -17,6 +17,7 @@ import pandas as pd
 
 from common.config import ALICCP_ITEM_FEATURES, ALICCP_USER_FEATURES, DataConfig
 from common.errors import DataError
+from common.progress import progress_bar
 
 LOG = logging.getLogger(__name__)
 
@@ -28,6 +29,8 @@ TRUTH_FILE = "truth.npz"
 EXPOSURE_SCALE = 8.0  # how personalized the logging policy's personalized channel is
 PERSONALIZED_SHARE = 0.8  # share of impressions from that channel (the rest: by popularity)
 CLICK_THRESHOLD = 0.5  # affinity at which a click is a coin flip
+EXPOSURE_CANDIDATES = 32  # popularity-drawn candidates the personalized channel picks from
+IMPRESSION_CHUNK = 1 << 16  # impressions drawn at a time (memory: chunk x candidates x latent_dim)
 
 # Vocabulary sizes of the demographic user features, as in Ali-CCP.
 _DEMOGRAPHICS = {
@@ -65,12 +68,18 @@ class Truth:
     exposure_scale: float
     personalized_share: float
     click_bias: float
+    exposure_candidates: int = 0
+    popularity_exponent: float = 0.7
 
     def positive_log_prob(self, user_rows: np.ndarray) -> np.ndarray:
         """Log-probability (up to a per-user constant) that an item is the user's next click.
 
-        P(click on i | u) is proportional to P(i shown to u) * P(click | u, i), which is what the
-        generator draws; ranking by it is the best any model can do.
+        P(click on i | u) is proportional to P(i shown to u) * P(click | u, i). The personalized
+        channel picks one of C popularity-drawn candidates with weight w = exp(scale * affinity);
+        with Z = E_pop[w], P(i) is close to C pop(i) w(i) / (w(i) + (C - 1) Z) (the other
+        candidates' weights replaced by their mean), which tends to the softmax pop(i) w(i) / Z as
+        C grows (C = 0 stands for that limit). Ranking by it is the best any model can do, up to
+        that approximation.
 
         Args:
             user_rows: [n] row numbers into `user_ids`.
@@ -79,7 +88,12 @@ class Truth:
             [n, num_items] float32.
         """
         affinity = self.user_taste[user_rows] @ self.item_taste.T
-        exposure = _exposure(affinity, self.item_log_pop, self.exposure_scale, self.personalized_share)
+        pop = _popularity(self.item_log_pop)
+        w = np.exp(self.exposure_scale * affinity.astype(np.float64))
+        z = w @ pop
+        c = self.exposure_candidates
+        personal = pop * w / z[:, None] if c == 0 else c * pop * w / (w + (c - 1) * z[:, None])
+        exposure = (1.0 - self.personalized_share) * pop[None, :] + self.personalized_share * personal
         click = -np.logaddexp(0.0, -(self.affinity_scale * affinity + self.click_bias))
         return (np.log(exposure + 1e-30) + click).astype(np.float32)
 
@@ -92,18 +106,73 @@ class Truth:
             values = {k: z[k] for k in z.files}
         for k in ("affinity_scale", "exposure_scale", "personalized_share", "click_bias"):
             values[k] = float(values[k])
+        values["exposure_candidates"] = int(values.get("exposure_candidates", 0))
+        values["popularity_exponent"] = float(values.get("popularity_exponent", 0.7))
         return cls(**values)
 
 
-def _exposure(affinity: np.ndarray, log_pop: np.ndarray, scale: float, share: float) -> np.ndarray:
-    """[n, items] probability that each item is the one shown in an impression."""
+def _popularity(log_pop: np.ndarray) -> np.ndarray:
+    """The popularity channel's probabilities from its log-weights."""
     pop = np.exp(log_pop - log_pop.max())
-    pop = pop / pop.sum()
-    logits = scale * affinity + log_pop
-    logits -= logits.max(axis=1, keepdims=True)
-    personal = np.exp(logits)
-    personal /= personal.sum(axis=1, keepdims=True)
-    return (1.0 - share) * pop[None, :] + share * personal
+    return pop / pop.sum()
+
+
+def _gumbel(rng, shape) -> np.ndarray:
+    """Standard Gumbel noise in float32 (numpy's own gumbel draws float64 only)."""
+    u = rng.random(shape, dtype=np.float32)
+    return -np.log(-np.log(np.clip(u, 1e-7, 1.0 - 1e-7)))
+
+
+def zipf_log_weights(ranks: np.ndarray, exponent: float) -> np.ndarray:
+    """Log-probabilities (unnormalized) of 1-based popularity ranks: the mass of x ** -exponent on [r, r + 1).
+
+    Close to -exponent * log(r), and exactly what `_draw_ranks` samples by inversion.
+    """
+    r = ranks.astype(np.float64)
+    if exponent == 1.0:
+        return np.log(np.log1p(1.0 / r))
+    b = 1.0 - exponent
+    return b * np.log(r) + np.log(np.abs(np.expm1(b * np.log1p(1.0 / r))))
+
+
+def _draw_ranks(rng, size, n: int, exponent: float) -> np.ndarray:
+    """0-based popularity ranks drawn with P(r) proportional to exp(zipf_log_weights(r + 1)); O(1) each."""
+    dtype = np.float32 if n < (1 << 22) else np.float64  # float32 resolves every rank below 2 ** 22: twice as fast
+    u = rng.random(size, dtype=dtype)
+    if exponent == 1.0:
+        x = np.exp(u * dtype(np.log(n + 1.0)))
+    else:
+        b = 1.0 - exponent
+        x = np.exp(np.log1p(u * dtype((n + 1.0) ** b - 1.0)) * dtype(1.0 / b))
+    return np.clip(x.astype(np.int64) - 1, 0, n - 1)
+
+
+def draw_impressions(truth: "Truth", rows: np.ndarray, rng, progress=None) -> np.ndarray:
+    """Catalogue rows of the items shown in impressions of users `rows` (user-table rows).
+
+    A share `1 - personalized_share` comes from the popularity channel; the rest picks, among
+    `exposure_candidates` items drawn by popularity, one with probability proportional to
+    exp(exposure_scale * affinity) (a Gumbel-max over the candidates). Popularity draws invert the
+    Zipf law in closed form, and tastes are read in popularity order (the head stays in cache).
+    Cost: O(impressions x candidates x latent_dim), independent of the catalogue size beyond a sort.
+    """
+    n_items = len(truth.item_log_pop)
+    by_rank = np.argsort(-truth.item_log_pop, kind="stable")
+    taste_by_rank = np.ascontiguousarray(truth.item_taste[by_rank])
+    ranks = _draw_ranks(rng, len(rows), n_items, truth.popularity_exponent)
+    personal = np.flatnonzero(rng.random(len(rows)) < truth.personalized_share)
+    if progress is not None:
+        progress.update(len(rows) - len(personal))
+    c = truth.exposure_candidates or EXPOSURE_CANDIDATES
+    for start in range(0, len(personal), IMPRESSION_CHUNK):
+        at = personal[start : start + IMPRESSION_CHUNK]
+        candidates = _draw_ranks(rng, (len(at), c), n_items, truth.popularity_exponent)
+        affinity = np.matmul(taste_by_rank[candidates], truth.user_taste[rows[at]][:, :, None])[..., 0]
+        best = (truth.exposure_scale * affinity + _gumbel(rng, affinity.shape)).argmax(axis=1)
+        ranks[at] = candidates[np.arange(len(at)), best]
+        if progress is not None:
+            progress.update(len(at))
+    return by_rank[ranks]
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -122,12 +191,40 @@ def _pick_within(groups: np.ndarray, wanted: np.ndarray, n_groups: int, rng) -> 
 
 
 def _noisy_argmax(taste: np.ndarray, vectors: np.ndarray, noise: float, rng, chunk: int = 4096) -> np.ndarray:
-    """Row-wise argmax of taste . vectors plus Gumbel noise: the user's favourite of a vocabulary."""
+    """Row-wise argmax of taste . vectors plus Gumbel noise: the user's favourite of a vocabulary.
+
+    O(len(taste) x len(vectors)): only for small vocabularies (categories, intentions).
+    """
     out = np.empty(len(taste), dtype=np.int64)
     for start in range(0, len(taste), chunk):
         scores = taste[start : start + chunk] @ vectors.T
-        scores += noise * rng.gumbel(size=scores.shape)
+        scores += noise * _gumbel(rng, scores.shape)
         out[start : start + chunk] = scores.argmax(axis=1)
+    return out
+
+
+def _noisy_argmax_within(
+    taste: np.ndarray, vectors: np.ndarray, groups: np.ndarray, user_group: np.ndarray, noise: float, rng, chunk: int = 65536
+) -> np.ndarray:
+    """The user's favourite among the vocabulary entries of their own group (a shop of their category).
+
+    Like `_noisy_argmax`, restricted to entries whose `groups` value is the user's `user_group`;
+    users whose group has no entry get a random one. Cost O(users x largest group).
+    """
+    n_groups = int(max(groups.max(), user_group.max())) + 1
+    order = np.argsort(groups, kind="stable")
+    counts = np.bincount(groups, minlength=n_groups)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    members = np.full((n_groups, max(int(counts.max()), 1)), -1, dtype=np.int64)
+    members[groups[order], np.arange(len(order)) - starts[groups[order]]] = order
+    out = np.empty(len(taste), dtype=np.int64)
+    for start in range(0, len(taste), chunk):
+        cand = members[user_group[start : start + chunk]]
+        scores = np.einsum("nd,nkd->nk", taste[start : start + chunk], vectors[np.maximum(cand, 0)])
+        scores += noise * _gumbel(rng, scores.shape)
+        scores[cand < 0] = -np.inf
+        pick = cand[np.arange(len(cand)), scores.argmax(axis=1)]
+        out[start : start + chunk] = np.where(pick >= 0, pick, rng.integers(0, len(vectors), len(cand)))
     return out
 
 
@@ -165,7 +262,7 @@ def generate_synthetic(cfg: DataConfig) -> tuple[pd.DataFrame, Truth]:
         cat_vec[item_cat] + 0.6 * shop_vec[item_shop] + 0.4 * brand_vec[item_brand]
         + 0.3 * rng.normal(size=(n_items, dim))
     )
-    item_log_pop = -cfg.popularity_exponent * np.log(rng.permutation(np.arange(1, n_items + 1)).astype(np.float64))
+    item_log_pop = zipf_log_weights(rng.permutation(np.arange(1, n_items + 1)), cfg.popularity_exponent)
 
     demo = {name: rng.integers(0, size, n_users) for name, size in _DEMOGRAPHICS.items()}
     demo_vec = {name: rng.normal(size=(size, dim)) for name, size in _DEMOGRAPHICS.items()}
@@ -176,10 +273,11 @@ def generate_synthetic(cfg: DataConfig) -> tuple[pd.DataFrame, Truth]:
         + cfg.personal_taste * rng.normal(size=(n_users, dim))
     )
     intent_vec = _unit(cat_vec[rng.integers(0, n_cat, n_intent)] + 0.5 * rng.normal(size=(n_intent, dim)))
-    history = {
-        "user_categories": _noisy_argmax(user_taste, _unit(cat_vec), 0.3, rng),
-        "user_shops": _noisy_argmax(user_taste, _unit(shop_vec), 0.3, rng),
-        "user_brands": _noisy_argmax(user_taste, _unit(brand_vec), 0.3, rng),
+    favourite_cat = _noisy_argmax(user_taste, _unit(cat_vec), 0.3, rng)
+    history = {  # favourite shop and brand: among those of the favourite category
+        "user_categories": favourite_cat,
+        "user_shops": _noisy_argmax_within(user_taste, _unit(shop_vec), shop_cat, favourite_cat, 0.3, rng),
+        "user_brands": _noisy_argmax_within(user_taste, _unit(brand_vec), brand_cat, favourite_cat, 0.3, rng),
         "user_intentions": _noisy_argmax(user_taste, intent_vec, 0.3, rng),
     }
     profile = (demo["user_gender"] * 7 + demo["user_age"]) * 7 + rng.integers(0, 7, n_users)
@@ -194,22 +292,15 @@ def generate_synthetic(cfg: DataConfig) -> tuple[pd.DataFrame, Truth]:
         exposure_scale=EXPOSURE_SCALE,
         personalized_share=PERSONALIZED_SHARE,
         click_bias=-cfg.affinity_scale * CLICK_THRESHOLD,
+        exposure_candidates=EXPOSURE_CANDIDATES,
+        popularity_exponent=cfg.popularity_exponent,
     )
 
     activity = rng.lognormal(0.0, 0.8, n_users)
     per_user = rng.multinomial(cfg.num_impressions, activity / activity.sum())
     rows = np.repeat(np.arange(n_users), per_user)
-    items = np.empty(len(rows), dtype=np.int64)
-    offsets = np.concatenate([[0], np.cumsum(per_user)])
-    chunk = max(1, 2_000_000 // n_items)
-    for start in range(0, n_users, chunk):
-        users = np.arange(start, min(start + chunk, n_users))
-        exposure = _exposure(user_taste[users] @ item_taste.T, item_log_pop, truth.exposure_scale, truth.personalized_share)
-        cdf = np.cumsum(exposure, axis=1)
-        for j, u in enumerate(users):
-            lo, hi = offsets[u], offsets[u + 1]
-            if hi > lo:
-                items[lo:hi] = np.minimum(np.searchsorted(cdf[j], rng.random(hi - lo) * cdf[j, -1]), n_items - 1)
+    with progress_bar(len(rows), "impressions", "rows") as bar:
+        items = draw_impressions(truth, rows, rng, bar)
     affinity = np.einsum("nd,nd->n", user_taste[rows], item_taste[items])
     p_click = 1.0 / (1.0 + np.exp(-(truth.affinity_scale * affinity + truth.click_bias)))
     click = (rng.random(len(rows)) < p_click).astype(np.int64)
@@ -240,26 +331,31 @@ def generate_merlin(cfg: DataConfig) -> pd.DataFrame:
     return df[keep].reset_index(drop=True)
 
 
-def split_per_user(df: pd.DataFrame, cfg: DataConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Holds out `valid_fraction` of each user's impressions, drawn at random.
+def split_holdout(df: pd.DataFrame, cfg: DataConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Splits interactions into training and hold-out by the declared protocol.
 
-    Users with a single impression stay entirely in training.
+    Per user, the candidates (every interaction, or the positives only: `data.holdout`) are
+    ordered by time or at random (`data.holdout_by`; time ties keep row order) and the last
+    `valid_fraction` of them, at least `holdout_min`, are held out; at least one candidate stays
+    in training, and users with `holdout_min` candidates or fewer are not held out at all. Rows
+    that are not candidates stay in training. Both parts keep the input's row order.
     """
-    rng = np.random.default_rng(cfg.seed + 1)
-    r = rng.random(len(df))
-    rank = pd.Series(r).groupby(df[cfg.user_id].to_numpy()).rank(pct=True).to_numpy()
-    size = df.groupby(cfg.user_id)[cfg.user_id].transform("size").to_numpy()
-    valid = (rank > 1.0 - cfg.valid_fraction) & (size > 1)
+    candidates = np.flatnonzero(cfg.is_positive(df[cfg.label]).to_numpy()) if cfg.holdout == "positives" else np.arange(len(df))
+    users = df[cfg.user_id].to_numpy()[candidates]
+    if cfg.split_by_time:
+        key = df[cfg.timestamp].to_numpy()[candidates]
+    else:
+        key = np.random.default_rng(cfg.seed + 1).random(len(candidates))
+    order = np.lexsort((key, users))  # stable: equal times keep row order
+    _, first, counts = np.unique(users[order], return_index=True, return_counts=True)
+    group = np.repeat(np.arange(len(counts)), counts)
+    n = counts[group]
+    from_end = n - 1 - (np.arange(len(order)) - first[group])
+    n_hold = np.maximum(np.floor(n * cfg.valid_fraction + 1e-9).astype(np.int64), cfg.holdout_min)
+    n_hold = np.where(n > max(cfg.holdout_min, 1), np.minimum(n_hold, n - 1), 0)
+    valid = np.zeros(len(df), dtype=bool)
+    valid[candidates[order[from_end < n_hold]]] = True
     return df[~valid].reset_index(drop=True), df[valid].reset_index(drop=True)
-
-
-def split_by_time(df: pd.DataFrame, cfg: DataConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Holds out each user's latest `valid_fraction` of interactions (ties broken by row order)."""
-    order = df.sort_values([cfg.user_id, cfg.timestamp], kind="stable")
-    position = order.groupby(cfg.user_id).cumcount().to_numpy()
-    size = order.groupby(cfg.user_id)[cfg.user_id].transform("size").to_numpy()
-    valid = (position >= np.ceil(size * (1.0 - cfg.valid_fraction))) & (size > 1)
-    return order[~valid].reset_index(drop=True), order[valid].reset_index(drop=True)
 
 
 def check_columns(df: pd.DataFrame, cfg: DataConfig, where: str) -> None:
@@ -291,7 +387,7 @@ def prepare_data(cfg: DataConfig, out_dir: str | Path) -> dict[str, Path]:
         from train.declared import load_declared
 
         df = load_declared(cfg, out)
-        train_df, valid_df = split_by_time(df, cfg) if cfg.timestamp else split_per_user(df, cfg)
+        train_df, valid_df = split_holdout(df, cfg)
     else:
         if cfg.source == "synthetic":
             df, truth = generate_synthetic(cfg)
@@ -299,7 +395,7 @@ def prepare_data(cfg: DataConfig, out_dir: str | Path) -> dict[str, Path]:
             paths["truth"] = out / TRUTH_FILE
         else:
             df = generate_merlin(cfg)
-        train_df, valid_df = split_per_user(df, cfg)
+        train_df, valid_df = split_holdout(df, cfg)
     for name, frame in (("train", train_df), ("valid", valid_df)):
         check_columns(frame, cfg, name)
         frame.to_parquet(paths[name], index=False)

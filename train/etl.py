@@ -1,8 +1,8 @@
 """NVTabular ETL: Categorify ids and features, tag users and items, keep positives.
 
 The fitted feature workflow is what serving runs, so it holds no Filter: the positives-only
-step is a second, stateless workflow applied after it (a Filter on the label cannot run on a
-request, which carries no label). Categorify is fitted on every training impression, clicked or
+step filters its output frames (a Filter on the label cannot run on a request, which carries no
+label). Categorify is fitted on every training impression, clicked or
 not, so that the catalogue holds every item users were shown.
 """
 
@@ -47,6 +47,7 @@ class EtlResult:
         train_rows: positive training rows written.
         valid_rows: positive validation rows written.
         rows_per_s: input impressions processed per second (fit + both transforms).
+        input_rows: input impressions (train and valid).
         workers: Dask workers the ETL ran on (0: in this process).
     """
 
@@ -56,6 +57,7 @@ class EtlResult:
     train_rows: int
     valid_rows: int
     rows_per_s: float
+    input_rows: int = 0
     workers: int = 0
 
     @property
@@ -85,17 +87,6 @@ def feature_workflow(cfg: DataConfig, stats_dir: Path) -> nvt.Workflow:
     item_features = list(cfg.item_features) >> cat() >> ops.TagAsItemFeatures()
     label = [cfg.label] >> ops.AddMetadata(tags=[Tags.BINARY_CLASSIFICATION, Tags.TARGET])
     return nvt.Workflow(user_id + item_id + user_features + item_features + label)
-
-
-def positives_workflow(cfg: DataConfig, schema) -> nvt.Workflow:
-    """A stateless workflow that keeps the positive rows (label == positive_value, or >= positive_min)."""
-    # Plain values only in the closure: Dask workers unpickle it without importing our packages.
-    label, value, minimum = cfg.label, cfg.positive_value, cfg.positive_min
-    if minimum is None:
-        keep = schema.column_names >> ops.Filter(f=lambda df: df[label] == value)
-    else:
-        keep = schema.column_names >> ops.Filter(f=lambda df: df[label] >= minimum)
-    return nvt.Workflow(keep)
 
 
 @contextlib.contextmanager
@@ -178,15 +169,18 @@ def _run_etl(cfg: DataConfig, train_path, valid_path, out: Path) -> EtlResult:
     n_items = _entity_tables(train_raw, item_workflow(workflow, cfg), cfg.item_columns, out, ITEMS_RAW, ITEMS_ENCODED)
     LOG.info("feature tables: %d users, %d items", n_users, n_items)
 
-    positives = positives_workflow(cfg, workflow.output_schema)
     counts = {}
     for name, raw in ((TRAIN_DIR, train_raw), (VALID_DIR, valid_raw)):
-        encoded = positives.fit_transform(workflow.transform(raw))
-        encoded.to_parquet(str(out / name), output_files=1)
+        encoded = workflow.transform(raw)
+        # The positives filter on the encoded frames directly: a second workflow's fit_transform
+        # computes the feature workflow's transform twice per split (fit, then transform).
+        ddf = encoded.to_ddf()
+        kept = ddf[ddf[cfg.label] >= cfg.positive_min] if cfg.positive_min is not None else ddf[ddf[cfg.label] == cfg.positive_value]
+        Dataset(kept, schema=encoded.schema).to_parquet(str(out / name), output_files=1)
         counts[name] = Dataset(str(out / name), engine="parquet").num_rows
     elapsed = time.perf_counter() - started
     LOG.info(
         "ETL: %d impressions in %.1f s (%.0f rows/s); %d train and %d valid positives",
         n_rows, elapsed, n_rows / elapsed, counts[TRAIN_DIR], counts[VALID_DIR],
     )
-    return EtlResult(workflow_dir, out / TRAIN_DIR, out / VALID_DIR, counts[TRAIN_DIR], counts[VALID_DIR], n_rows / elapsed)
+    return EtlResult(workflow_dir, out / TRAIN_DIR, out / VALID_DIR, counts[TRAIN_DIR], counts[VALID_DIR], n_rows / elapsed, n_rows)

@@ -14,7 +14,8 @@ from merlin.io import Dataset
 
 from common.config import DataConfig, TrainConfig
 from train import etl as etl_stage
-from train.evaluate import EvalSet, build_eval_set, embedding_scorer, rank_metrics, split_tune_eval, top_k
+from common.progress import progress_bar
+from train.evaluate import EvalSet, build_eval_set, rank_metrics, top_k
 from train.model import build_two_tower, encode_in_batches, item_probabilities, tower_schemas
 
 LOG = logging.getLogger(__name__)
@@ -98,11 +99,25 @@ def embeddings(model: tf.keras.Model, tables: Tables) -> tuple[np.ndarray, np.nd
     )
 
 
-def train_two_tower(cfg: TrainConfig, data_cfg: DataConfig, etl_dir: Path, tables: Tables) -> TrainResult:
+class _StepProgress(tf.keras.callbacks.Callback):
+    """Feeds a progress bar with the examples of each training step."""
+
+    def __init__(self, bar, batch_size: int):
+        super().__init__()
+        self.bar, self.batch_size = bar, batch_size
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.bar.update(self.batch_size)
+
+
+def train_two_tower(cfg: TrainConfig, data_cfg: DataConfig, etl_dir: Path, tables: Tables, tune: EvalSet) -> TrainResult:
     """Trains `TwoTowerModelV2` on the encoded positives, keeping the best epoch's weights.
 
-    After each epoch the towers embed every tuning user and every catalogue item, and the
+    After each epoch the towers embed every catalogue item and the tuning users, and their
     full-catalogue Recall@10 (training positives excluded) decides early stopping.
+
+    Args:
+        tune: the tuning users (see train.evaluate.split_tune_eval), never the reported ones.
     """
     tf.keras.utils.set_random_seed(cfg.seed)
     train = Dataset(str(etl_dir / etl_stage.TRAIN_DIR), engine="parquet")
@@ -114,25 +129,30 @@ def train_two_tower(cfg: TrainConfig, data_cfg: DataConfig, etl_dir: Path, table
         codes = etl_stage.read_encoded(etl_dir / etl_stage.TRAIN_DIR, [data_cfg.item_id])[data_cfg.item_id].to_numpy()
         probs = item_probabilities(codes, cardinality)
     model = build_two_tower(train.schema, cfg, probs)
-    tune, _ = split_tune_eval(tables.eval_set(), cfg.seed)
     k = cfg.eval_ks[0]
+    tune_users = tables.users.iloc[tune.user_rows]
 
     result = TrainResult(model=model)
     best_recall, best_weights, waited, fit_seconds = -1.0, None, 0, 0.0
     n_examples = train.num_rows
     for epoch in range(1, cfg.epochs + 1):
         started = time.perf_counter()
-        hist = model.fit(train, batch_size=cfg.batch_size, epochs=1, verbose=0, shuffle=True)
+        with progress_bar(n_examples, f"epoch {epoch}/{cfg.epochs}", "examples", min_total=2_000_000) as bar:
+            callbacks = [_StepProgress(bar, cfg.batch_size)] if not bar.disable else []
+            hist = model.fit(train, batch_size=cfg.batch_size, epochs=1, verbose=0, shuffle=True, callbacks=callbacks)
         seconds = time.perf_counter() - started
         fit_seconds += seconds
-        queries, items = embeddings(model, tables)
-        recall = rank_metrics(top_k(embedding_scorer(queries, items), tune, k), tune, (k,))[f"recall@{k}"]
+        queries = encode_in_batches(model.query_encoder, tower_inputs(tune_users))
+        items = encode_in_batches(model.candidate_encoder, tower_inputs(tables.items))
+        scorer = lambda rows, q=queries: q[np.searchsorted(tune.user_rows, rows)] @ items.T  # noqa: E731
+        recall = rank_metrics(top_k(scorer, tune, k), tune, (k,))[f"recall@{k}"]
         row = {"epoch": epoch, "loss": float(hist.history["loss"][-1]), f"tune_recall@{k}": recall,
-               "seconds": seconds, "examples_per_s": n_examples / seconds}
+               "seconds": seconds, "examples_per_s": n_examples / seconds,
+               "tune_seconds": time.perf_counter() - started - seconds}
         result.history.append(row)
         LOG.info(
-            "epoch %d/%d: loss %.4f, tuning recall@%d %.4f, %.1f s (%.0f examples/s)",
-            epoch, cfg.epochs, row["loss"], k, recall, seconds, row["examples_per_s"],
+            "epoch %d/%d: loss %.4f, tuning recall@%d %.4f (%d users, %.1f s), %.1f s (%.0f examples/s)",
+            epoch, cfg.epochs, row["loss"], k, recall, tune.n_users, row["tune_seconds"], seconds, row["examples_per_s"],
         )
         if recall > best_recall:
             best_recall, best_weights, waited, result.best_epoch = recall, model.get_weights(), 0, epoch

@@ -20,7 +20,7 @@ class IndexReport:
     """How an index was built and how well it answers.
 
     Attributes:
-        kind: flat, ivf or hnsw.
+        kind: flat, ivf, ivf_sq or hnsw.
         factory: the FAISS index_factory string.
         build_s: seconds to train and fill the index.
         search_params: nprobe / ef_search the index is served with.
@@ -47,28 +47,47 @@ def factory_string(cfg: IndexConfig, n_items: int) -> str:
         return "Flat"
     if kind == "ivf":
         return f"IVF{ivf_cells(cfg, n_items)},Flat"
+    if kind == "ivf_sq":
+        return f"IVF{ivf_cells(cfg, n_items)},{cfg.sq_type}"
     return f"HNSW{cfg.hnsw_m},Flat"
 
 
 def ivf_cells(cfg: IndexConfig, n_items: int) -> int:
     # k-means wants about 39 points per centroid; fewer gives FAISS warnings and poor cells.
-    return max(1, min(cfg.nlist, n_items // 39))
+    nlist = cfg.sq_nlist if cfg.resolved_kind(n_items) == "ivf_sq" else cfg.nlist
+    return max(1, min(nlist, n_items // 39))
+
+
+def training_sample(vectors: np.ndarray, n_cells: int, per_cell: int, seed: int = 0) -> np.ndarray:
+    """A seeded sample of `per_cell` rows per IVF cell (all rows when there are fewer), in row order."""
+    n = min(len(vectors), n_cells * per_cell)
+    if n == len(vectors):
+        return vectors
+    return vectors[np.sort(np.random.default_rng(seed).choice(len(vectors), size=n, replace=False))]
 
 
 def build_index(vectors: np.ndarray, cfg: IndexConfig) -> faiss.Index:
     """Builds an inner-product index whose labels are the rows of `vectors`.
 
+    IVF kinds train k-means (and the scalar quantizer) on a sample of `train_points_per_cell`
+    vectors per cell, then add the catalogue `add_chunk` rows at a time.
+
     Args:
         vectors: [n_items, dim] float32 item embeddings.
     """
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     n, dim = vectors.shape
     index = faiss.index_factory(dim, factory_string(cfg, n), faiss.METRIC_INNER_PRODUCT)
     if isinstance(index, faiss.IndexHNSW):
         index.hnsw.efConstruction = cfg.ef_construction
+    ivf = faiss.try_extract_index_ivf(index)
     if not index.is_trained:
-        index.train(vectors)
-    index.add(vectors)
+        sample = vectors if ivf is None else training_sample(vectors, ivf.nlist, cfg.train_points_per_cell)
+        started = time.perf_counter()
+        index.train(np.ascontiguousarray(sample, dtype=np.float32))
+        LOG.info("index: trained %s on %d vectors in %.1f s", type(index).__name__, len(sample), time.perf_counter() - started)
+    chunk = cfg.add_chunk if ivf is not None else n
+    for start in range(0, n, chunk):
+        index.add(np.ascontiguousarray(vectors[start : start + chunk], dtype=np.float32))
     configure_search(index, cfg)
     return index
 
@@ -87,27 +106,41 @@ def configure_search(index: faiss.Index, cfg: IndexConfig) -> None:
     """Sets the configured nprobe / efSearch on a built index."""
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
-        ivf.nprobe = min(cfg.nprobe, ivf.nlist)
+        nprobe = cfg.sq_nprobe if isinstance(ivf, faiss.IndexIVFScalarQuantizer) else cfg.nprobe
+        ivf.nprobe = min(nprobe, ivf.nlist)
     if isinstance(index, faiss.IndexHNSW):
         index.hnsw.efSearch = cfg.ef_search
 
 
-def exact_top_k(queries: np.ndarray, vectors: np.ndarray, k: int, chunk: int = 256) -> np.ndarray:
-    """[n, k] rows of the k largest inner products per query, by numpy (the oracle for tests)."""
+def exact_top_k(queries: np.ndarray, vectors: np.ndarray, k: int, chunk: int = 256, block: int = 262_144) -> np.ndarray:
+    """[n, k] rows of the k largest inner products per query, by numpy (the oracle for tests).
+
+    Scores are computed `chunk` queries by `block` items at a time (a 10M catalogue's scores do
+    not fit in memory at once); each block's top-k is kept and the candidates are ranked at the end.
+    """
+    k = min(k, len(vectors))
     out = np.empty((len(queries), k), dtype=np.int64)
     for start in range(0, len(queries), chunk):
-        scores = queries[start : start + chunk] @ vectors.T
-        part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-        order = np.argsort(-np.take_along_axis(scores, part, axis=1), axis=1, kind="stable")
-        out[start : start + chunk] = np.take_along_axis(part, order, axis=1)
+        q = queries[start : start + chunk]
+        rows, scores = [], []
+        for lo in range(0, len(vectors), block):
+            s = q @ vectors[lo : lo + block].T
+            kk = min(k, s.shape[1])
+            part = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
+            rows.append(part + lo)
+            scores.append(np.take_along_axis(s, part, axis=1))
+        rows, scores = np.concatenate(rows, axis=1), np.concatenate(scores, axis=1)
+        order = np.lexsort((rows, -scores), axis=1)[:, :k]  # best first, ties by catalogue row
+        out[start : start + chunk] = np.take_along_axis(rows, order, axis=1)
     return out
 
 
-def recall_against_exact(index: faiss.Index, queries: np.ndarray, vectors: np.ndarray, k: int = 10) -> float:
-    """Mean |index top-k ∩ exact top-k| / k over the queries."""
+def recall_against_exact(index: faiss.Index, queries: np.ndarray, vectors: np.ndarray, k: int = 10,
+                         exact: np.ndarray | None = None) -> float:
+    """Mean |index top-k ∩ exact top-k| / k over the queries (`exact`: exact_top_k's answer, if known)."""
     k = min(k, len(vectors))
     _, found = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
-    exact = exact_top_k(queries, vectors, k)
+    exact = exact_top_k(queries, vectors, k) if exact is None else exact[:, :k]
     hits = [len(np.intersect1d(f, e)) for f, e in zip(found, exact)]
     return float(np.mean(hits) / k)
 
@@ -126,12 +159,15 @@ def build_checked_index(vectors: np.ndarray, queries: np.ndarray, cfg: IndexConf
     index = build_index(vectors, cfg)
     build_s = time.perf_counter() - started
     sample = queries[: cfg.recall_sample]
-    recall = recall_against_exact(index, sample, vectors, 10)
+    started = time.perf_counter()
+    exact = exact_top_k(sample, vectors, 10)
+    LOG.info("index: exact top-10 of %d queries over %d items in %.1f s", len(sample), len(vectors), time.perf_counter() - started)
+    recall = recall_against_exact(index, sample, vectors, 10, exact)
     ivf = faiss.try_extract_index_ivf(index)
     # kind="auto" widens the probe until the floor is met; an explicit setting is kept (and checked).
     while cfg.kind == "auto" and ivf is not None and recall < cfg.min_recall_at_10 and ivf.nprobe < ivf.nlist:
         ivf.nprobe = min(ivf.nlist, 2 * ivf.nprobe)
-        recall = recall_against_exact(index, sample, vectors, 10)
+        recall = recall_against_exact(index, sample, vectors, 10, exact)
         LOG.info("auto index: nprobe %d gives recall@10 %.4f", ivf.nprobe, recall)
     report = IndexReport(
         kind=cfg.resolved_kind(len(vectors)), factory=factory_string(cfg, len(vectors)), build_s=build_s, search_params=search_params(index),

@@ -101,7 +101,8 @@ def build_two_tower(schema: Schema, cfg: TrainConfig, item_probs: np.ndarray | N
         model = mm.TwoTowerModelV2(query, candidate, logits_temperature=cfg.temperature)
     # No in-batch metrics: the full-catalogue evaluation is what counts, and top-k metrics break
     # on a last batch smaller than k.
-    model.compile(optimizer=tf.keras.optimizers.Adam(cfg.learning_rate), run_eagerly=False, metrics=[])
+    optimizer = (tf.keras.optimizers.Adagrad if cfg.optimizer == "adagrad" else tf.keras.optimizers.Adam)(cfg.learning_rate)
+    model.compile(optimizer=optimizer, run_eagerly=False, metrics=[])
     return model
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -14,11 +15,12 @@ from common.config import PipelineConfig
 from train import etl as etl_stage
 from train.data import TRUTH_FILE, Truth, prepare_data
 from train.evaluate import (
-    Scorer, embedding_scorer, evaluate_methods, format_table, interactions_matrix, popularity_scorer,
-    random_scorer, split_tune_eval, tuned_als_scorer, verdicts,
+    EvalSet, Scorer, als_scorer, embedding_scorer, evaluate_methods, format_table, interactions_matrix,
+    popularity_scorer, random_scorer, split_tune_eval, tuned_als_scorer, verdicts,
 )
 from train.export import export_artifacts, prepare_output
 from train.fit import Tables, embeddings, load_tables, train_two_tower
+from train.stages import StageRecorder
 
 LOG = logging.getLogger(__name__)
 
@@ -45,29 +47,48 @@ def oracle_scorer(truth: Truth, etl_dir: Path, cfg: PipelineConfig) -> Scorer:
     return lambda rows: truth.positive_log_prob(user_rows[rows])[:, item_rows]
 
 
-def evaluate_all(cfg: PipelineConfig, work_dir: Path, tables: Tables, queries: np.ndarray, items: np.ndarray) -> dict:
-    """Full-catalogue metrics of the model and every baseline on the reported (non-tuning) users.
+def evaluation_users(cfg: PipelineConfig, tables: Tables) -> tuple[EvalSet, EvalSet]:
+    """(tuning users, reported users): disjoint seeded samples of the users with held-out positives.
 
-    Args:
-        queries: [n_users, d] the model's query embedding per users-table row.
-        items: [n_items, d] its item embedding per catalogue row.
+    Seeded by data.seed, so every model seed and every baseline is scored on the same users.
     """
     data = tables.eval_set()
-    tune, report_users = split_tune_eval(data, cfg.train.seed)
+    tune, report = split_tune_eval(data, cfg.data.seed, cfg.eval.tune_fraction, cfg.eval.max_tune_users, cfg.eval.max_users)
+    LOG.info("evaluation users: %d tuning, %d reported (of %d with held-out positives)", tune.n_users, report.n_users, data.n_users)
+    return tune, report
+
+
+def baseline_scorers(cfg: PipelineConfig, work_dir: Path, tables: Tables, tune: EvalSet) -> tuple[dict, dict]:
+    """The baselines, one scorer per seed where they have randomness, and the tuned ALS settings."""
     counts = interactions_matrix(*tables.train_pairs, len(tables.users), len(tables.items))
-    als, als_params = tuned_als_scorer(counts, tune, cfg.train.seed, cfg.train.eval_ks[0])
+    seeds = [cfg.train.seed + i for i in range(cfg.eval.seeds)]
+    als, als_params = tuned_als_scorer(counts, tune, seeds[0], cfg.train.eval_ks[0], cfg.eval.als_budget_s)
+    fit_params = {k: v for k, v in als_params.items() if k != "settings_tried"}
     scorers = {
-        "two_tower": embedding_scorer(queries, items),
-        "random": random_scorer(len(tables.items), cfg.train.seed),
+        "random": [random_scorer(len(tables.items), s) for s in seeds],
         "popular": popularity_scorer(counts),
-        "als": als,
+        "als": [als] + [als_scorer(counts, seed=s, **fit_params) for s in seeds[1:]],
     }
     truth_path = work_dir / DATA_DIR / TRUTH_FILE
     if cfg.data.source == "synthetic" and truth_path.is_file():
         scorers["oracle"] = oracle_scorer(Truth.load(truth_path), work_dir / ETL_DIR, cfg)
-    report = evaluate_methods(scorers, report_users, tuple(cfg.train.eval_ks))
+    return scorers, als_params
+
+
+def evaluate_all(cfg: PipelineConfig, report_users: EvalSet, model_embeddings: list[tuple[np.ndarray, np.ndarray]],
+                 baselines: dict, als_params: dict, n_tune: int) -> dict:
+    """Full-catalogue metrics of the model (one per seed) and every baseline on the reported users.
+
+    Args:
+        model_embeddings: per seed, (query embedding per users-table row, item embedding per catalogue row).
+    """
+    scorers = {"two_tower": [embedding_scorer(q, i) for q, i in model_embeddings], **baselines}
+    report = evaluate_methods(scorers, report_users, tuple(cfg.train.eval_ks), bootstrap=cfg.eval.bootstrap,
+                              confidence=cfg.eval.confidence, seed=cfg.data.seed)
     report["als_params"] = als_params
-    report["tuning_users"] = tune.n_users
+    report["tuning_users"] = n_tune
+    report["seeds"] = {"two_tower": [cfg.train.seed + i for i in range(len(model_embeddings))],
+                       "baselines": [cfg.train.seed + i for i in range(cfg.eval.seeds)]}
     return report
 
 
@@ -81,7 +102,8 @@ def evaluate_artifacts(work_dir: str | Path, artifacts_dir: str | Path, out_dir:
     """`make eval`: the full-catalogue table of what an artifacts folder serves, and the baselines.
 
     Query embeddings come from the exported (compiled) tower and item embeddings from the
-    exported file: the numbers describe the served model, not a copy still in memory.
+    exported file: the numbers describe the served model (one seed), not a copy still in memory.
+    The baselines run with every configured seed.
     """
     from common import contract
     from common.config import config_from_dict
@@ -98,14 +120,22 @@ def evaluate_artifacts(work_dir: str | Path, artifacts_dir: str | Path, out_dir:
         tower = NumpyTower({k: arrays[k] for k in arrays.files})
     queries = tower.embed(tower_inputs(tables.users))
     items = np.load(artifacts / contract.ARTIFACT_ITEM_EMBEDDINGS)[: len(tables.items)]
-    report = evaluate_all(cfg, work, tables, queries, items)
+    tune, report_users = evaluation_users(cfg, tables)
+    baselines, als_params = baseline_scorers(cfg, work, tables, tune)
+    report = evaluate_all(cfg, report_users, [(queries, items)], baselines, als_params, tune.n_users)
     log_report(report, cfg)
     save_report(report, Path(out_dir) if out_dir else artifacts)
     return report
 
 
+def _rows(path: Path) -> int:
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path).metadata.num_rows
+
+
 def run_training(cfg: PipelineConfig, work_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> TrainingRun:
-    """Runs every training stage and exports the artifacts.
+    """Runs every training stage and exports the artifacts; ends with the table of stage costs.
 
     Args:
         cfg: the pipeline configuration.
@@ -115,13 +145,40 @@ def run_training(cfg: PipelineConfig, work_dir: str | Path, out_dir: str | Path,
     """
     work, out = Path(work_dir), Path(out_dir)
     prepare_output(out, overwrite)
-    started = time.perf_counter()
-    paths = prepare_data(cfg.data, work / DATA_DIR)
-    etl = etl_stage.run_etl(cfg.data, paths["train"], paths["valid"], work / ETL_DIR)
-    tables = load_tables(work / ETL_DIR, cfg.data)
-    result = train_two_tower(cfg.train, cfg.data, work / ETL_DIR, tables)
-    report = evaluate_all(cfg, work, tables, *embeddings(result.model, tables))
+    stages = StageRecorder()
+    with stages.stage("data", "impressions") as s:
+        paths = prepare_data(cfg.data, work / DATA_DIR)
+        s.rows = _rows(paths["train"]) + _rows(paths["valid"])
+    with stages.stage("etl", "impressions") as s:
+        etl = etl_stage.run_etl(cfg.data, paths["train"], paths["valid"], work / ETL_DIR)
+        s.rows = etl.input_rows
+    with stages.stage("tables and users", "positives") as s:
+        tables = load_tables(work / ETL_DIR, cfg.data)
+        tune, report_users = evaluation_users(cfg, tables)
+        s.rows = len(tables.train_pairs[0]) + len(tables.valid_pairs[0])
+    model_embeddings, first = [], None
+    for i in range(cfg.eval.seeds):
+        train_cfg = dataclasses.replace(cfg.train, seed=cfg.train.seed + i)
+        with stages.stage(f"training (seed {train_cfg.seed})", "examples") as s:
+            result = train_two_tower(train_cfg, cfg.data, work / ETL_DIR, tables, tune)
+            s.rows = int(round(result.examples_per_s * sum(h["seconds"] for h in result.history)))
+        with stages.stage(f"embeddings (seed {train_cfg.seed})", "users+items") as s:
+            model_embeddings.append(embeddings(result.model, tables))
+            s.rows = len(tables.users) + len(tables.items)
+        if first is None:
+            first = result
+        else:
+            del result
+    with stages.stage("baselines (ALS tuning)", "tuning users") as s:
+        baselines, als_params = baseline_scorers(cfg, work, tables, tune)
+        s.rows = tune.n_users * als_params["settings_tried"]
+    with stages.stage("evaluation", "users") as s:
+        report = evaluate_all(cfg, report_users, model_embeddings, baselines, als_params, tune.n_users)
+        s.rows = report_users.n_users * sum(len(v) if isinstance(v, list) else 1 for v in baselines.values()) + report_users.n_users * len(model_embeddings)
     log_report(report, cfg)
-    manifest, _ = export_artifacts(cfg, work / ETL_DIR, tables, result, report, out, etl.rows_per_s)
-    LOG.info("training job finished in %.1f s", time.perf_counter() - started)
-    return TrainingRun(out, manifest, report, result.model)
+    with stages.stage("export and index", "items") as s:
+        manifest, _ = export_artifacts(cfg, work / ETL_DIR, tables, first, report, out, etl.rows_per_s)
+        s.rows = len(tables.items)
+    stages.save(out)
+    LOG.info("training job finished in %.1f s:\n%s", time.perf_counter() - stages.started, stages.table())
+    return TrainingRun(out, manifest, report, first.model)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from common.config import IndexConfig, DataConfig, PipelineConfig, ServeConfig, TrainConfig, config_from_dict, load_config
+from common.config import IndexConfig, DataConfig, EvalConfig, PipelineConfig, ServeConfig, TrainConfig, config_from_dict, load_config
 from common.errors import ConfigError
 
 
@@ -38,7 +38,7 @@ def test_unknown_key_lists_the_valid_ones():
 def test_unknown_section_is_an_error(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("trian:\n  epochs: 3\n")
-    with pytest.raises(ConfigError, match=r"unknown config section 'trian'.*valid: \['data', 'index', 'serve', 'train'\]"):
+    with pytest.raises(ConfigError, match=r"unknown config section 'trian'.*valid: \['data', 'eval', 'index', 'serve', 'train'\]"):
         load_config(path, environ={})
 
 
@@ -80,6 +80,17 @@ def test_missing_and_invalid_files(tmp_path):
         (lambda: DataConfig(user_id="customer", user_features=("top_k",)), "contract's names \\['top_k'\\]"),
         (lambda: DataConfig(user_id="customer", user_features=("customer",)), "repeated: \\['customer'\\]"),
         (lambda: DataConfig(source="files"), "needs data.interactions"),
+        (lambda: DataConfig(holdout="clicks"), "^data.holdout must be all or positives, got 'clicks'$"),
+        (lambda: DataConfig(holdout_by="oldest"), "^data.holdout_by must be auto, time or random, got 'oldest'$"),
+        (lambda: DataConfig(holdout_min=-1), "^data.holdout_min must be >= 0, got -1$"),
+        (lambda: TrainConfig(optimizer="sgd"), "^train.optimizer must be adam or adagrad, got 'sgd'$"),
+        (lambda: EvalConfig(seeds=0), "^eval.seeds must be >= 1, got 0$"),
+        (lambda: EvalConfig(max_users=0), "^eval.max_users must be >= 1 or null, got 0$"),
+        (lambda: EvalConfig(tune_fraction=1.0), r"^eval.tune_fraction must be in \(0, 1\), got 1.0$"),
+        (lambda: EvalConfig(max_tune_users=0), "^eval.max_tune_users must be >= 1, got 0$"),
+        (lambda: EvalConfig(bootstrap=10), "^eval.bootstrap must be >= 100, got 10$"),
+        (lambda: EvalConfig(confidence=0.3), r"^eval.confidence must be in \(0.5, 1\), got 0.3$"),
+        (lambda: EvalConfig(als_budget_s=0), "^eval.als_budget_s must be > 0, got 0$"),
         (lambda: ServeConfig(http_port=8001), "ports must differ"),
         (lambda: ServeConfig(default_top_k=2000), "default_top_k must be in 1..max_top_k=1000"),
         (lambda: ServeConfig(http_port=70000), "ports must be in 1..65535"),
@@ -92,7 +103,7 @@ def test_missing_and_invalid_files(tmp_path):
         (lambda: ServeConfig(max_restarts=0), "serve.max_restarts must be >= 1, got 0"),
         (lambda: ServeConfig(restart_window_s=0), "serve.restart_window_s must be > 0, got 0"),
         (lambda: ServeConfig(max_request_bytes=10), "serve.max_request_bytes must be >= 1024, got 10"),
-        (lambda: IndexConfig(kind="lsh"), r"index.kind must be one of \('auto', 'flat', 'ivf', 'hnsw'\), got 'lsh'"),
+        (lambda: IndexConfig(kind="lsh"), r"index.kind must be one of \('auto', 'flat', 'ivf', 'ivf_sq', 'hnsw'\), got 'lsh'"),
         (lambda: IndexConfig(nlist=0), "index.nlist must be >= 1, got 0"),
         (lambda: IndexConfig(nlist=8, nprobe=9), "index.nprobe must be in 1..nlist=8, got 9"),
         (lambda: IndexConfig(nprobe=0), "index.nprobe must be in 1..nlist=1024, got 0"),
@@ -102,11 +113,23 @@ def test_missing_and_invalid_files(tmp_path):
         (lambda: IndexConfig(ef_search=0), "index.ef_search must be >= 1, got 0"),
         (lambda: IndexConfig(min_recall_at_10=5.0), r"index.min_recall_at_10 must be in \[0, 1\], got 5.0"),
         (lambda: IndexConfig(recall_sample=0), "index.recall_sample must be >= 1, got 0"),
+        (lambda: IndexConfig(ivf_max_items=100), "^index.ivf_max_items must be >= flat_max_items=20000, got 100$"),
+        (lambda: IndexConfig(sq_nlist=0), "^index.sq_nlist must be >= 1, got 0$"),
+        (lambda: IndexConfig(sq_nlist=8, sq_nprobe=9), "^index.sq_nprobe must be in 1..sq_nlist=8, got 9$"),
+        (lambda: IndexConfig(sq_type="PQ8"), r"^index.sq_type must be one of \('SQ8', 'SQ6', 'SQ4', 'SQfp16'\), got 'PQ8'$"),
+        (lambda: IndexConfig(train_points_per_cell=10), "^index.train_points_per_cell must be >= 39, got 10$"),
+        (lambda: IndexConfig(add_chunk=0), "^index.add_chunk must be >= 1, got 0$"),
     ],
 )
 def test_validation_errors(make, message):
     with pytest.raises(ConfigError, match=message):
         make()
+
+
+def test_auto_index_kind_follows_the_catalogue_size():
+    cfg = IndexConfig(flat_max_items=100, ivf_max_items=1000)
+    assert [cfg.resolved_kind(n) for n in (100, 101, 1000, 1001)] == ["flat", "ivf", "ivf", "ivf_sq"]
+    assert IndexConfig(kind="hnsw").resolved_kind(10**8) == "hnsw"
 
 
 def test_round_trip_through_dict():

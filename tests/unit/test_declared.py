@@ -8,7 +8,7 @@ import pytest
 
 from common.config import DataConfig, load_config
 from common.errors import DataError
-from train.data import split_by_time
+from train.data import split_holdout
 from train.declared import ABSENT, load_declared
 
 
@@ -52,7 +52,7 @@ def test_load_joins_tables_and_maps_text(tmp_path):
 def test_split_by_time_holds_out_each_users_latest(tmp_path):
     root = write_dataset(tmp_path / "shop")
     cfg = declared_cfg(root)
-    train, valid = split_by_time(load_declared(cfg, tmp_path / "out"), cfg)
+    train, valid = split_holdout(load_declared(cfg, tmp_path / "out"), cfg)
     last_train = train.groupby("customer").ts.max()
     first_valid = valid.groupby("customer").ts.min()
     assert (first_valid > last_train.loc[first_valid.index]).all()

@@ -98,3 +98,23 @@ def test_etl_writes_only_where_it_is_told(trained, tiny_cfg, tmp_path, monkeypat
     data = trained["work"] / "data"
     etl.run_etl(tiny_cfg.data, data / "train.parquet", data / "valid.parquet", tmp_path / "out")
     assert list(cwd.iterdir()) == []
+
+
+def test_each_split_is_categorified_once_after_the_fit(trained, tmp_path, monkeypatch, tiny_cfg):
+    """The positives filter once ran as a second workflow whose fit_transform encoded each split twice."""
+    seen = []
+    original = ops.Categorify.transform
+
+    def counting(self, col_selector, df):
+        seen.append(len(df))
+        return original(self, col_selector, df)
+
+    monkeypatch.setattr(ops.Categorify, "transform", counting)
+    data = trained["work"] / "data"
+    result = etl.run_etl(tiny_cfg.data, data / "train.parquet", data / "valid.parquet", tmp_path)
+    n_train, n_valid = len(pd.read_parquet(data / "train.parquet")), len(pd.read_parquet(data / "valid.parquet"))
+    n_categorify = 4  # user id, item id, user features, item features
+    # the training split: once while fitting, once encoding; the validation split: once
+    assert seen.count(n_valid) == n_categorify and seen.count(n_train) == 2 * n_categorify
+    assert result.input_rows == n_train + n_valid
+    pd.testing.assert_frame_equal(etl.read_encoded(tmp_path / etl.TRAIN_DIR), etl.read_encoded(trained["work"] / "etl" / etl.TRAIN_DIR))

@@ -7,8 +7,8 @@ import pytest
 import scipy.sparse as sp
 
 from train.evaluate import (
-    build_eval_set, embedding_scorer, evaluate_methods, format_table, popularity_scorer, rank_metrics,
-    recall_curve, save_report, top_k, verdicts,
+    build_eval_set, embedding_scorer, evaluate_methods, format_table, paired_bootstrap, popularity_scorer, rank_metrics,
+    recall_curve, save_report, split_tune_eval, top_k, verdicts,
 )
 
 
@@ -78,3 +78,63 @@ def test_report_files_and_verdicts(tmp_path):
     paths = save_report(report, tmp_path)
     assert all(p.stat().st_size > 0 for p in paths.values())
     assert paths["md"].read_text().startswith("**WARNING: two_tower LOSES TO popular")
+
+
+def many_users(n=400, n_items=50, seed=0):
+    rng = np.random.default_rng(seed)
+    users = np.arange(n)
+    return build_eval_set(
+        train_users=users, train_items=rng.integers(0, n_items, n),
+        valid_users=np.repeat(users, 2), valid_items=rng.integers(0, n_items, 2 * n), n_users=n, n_items=n_items,
+    )
+
+
+def test_verdicts_come_from_the_paired_interval():
+    data = many_users()
+    truth = data.positives.toarray()
+    perfect = lambda rows: truth[np.searchsorted(data.user_rows, rows)] + 0.0  # noqa: E731
+    noisy = [lambda rows, s=s: truth[np.searchsorted(data.user_rows, rows)] * 0.2 + np.random.default_rng(s).random((len(rows), 50))
+             for s in range(2)]
+    same = [lambda rows, s=s: np.random.default_rng(s).random((len(rows), 50)) for s in range(3)]
+    report = evaluate_methods({"two_tower": noisy, "oracle": perfect, "random": same, "random_too": same[:1]}, data, (5,), seed=1)
+    c = report["comparisons"]
+    assert c["random"]["recall@5"]["verdict"] == "BEATS" and c["random"]["recall@5"]["lo"] > 0
+    assert c["oracle"]["recall@5"]["verdict"] == "reaches"
+    assert len(report["per_seed"]["two_tower"]) == 2 and len(report["per_seed"]["random"]) == 3
+    assert report["methods"]["two_tower"]["recall@5"] == pytest.approx(np.mean([r["recall@5"] for r in report["per_seed"]["two_tower"]]))
+    # Two random rankers are not told apart: the interval straddles zero.
+    tie = evaluate_methods({"two_tower": same[1:2], "random": same[2:3]}, data, (5,), seed=1)["comparisons"]["random"]["recall@5"]
+    assert tie["lo"] < 0 < tie["hi"] and tie["verdict"] == "TIES"
+    line = [v for v in verdicts(report, 5) if " random:" in v][0]
+    assert line.startswith("two_tower BEATS random: recall@5 ") and "95% interval +" in line
+
+
+def test_bootstrap_interval_covers_the_mean_and_narrows_with_more_users():
+    rng = np.random.default_rng(0)
+    small, large = rng.normal(0.1, 1, 100), rng.normal(0.1, 1, 10_000)
+    lo_s, hi_s = paired_bootstrap(small, 1000, 0.95, 0)
+    lo_l, hi_l = paired_bootstrap(large, 1000, 0.95, 0)
+    assert lo_s < small.mean() < hi_s and lo_l < large.mean() < hi_l
+    assert (hi_l - lo_l) < 0.2 * (hi_s - lo_s)
+    assert lo_l > 0  # 0.1 with 10,000 users is not zero
+
+
+def test_tuning_and_reported_users_are_disjoint_bounded_samples():
+    data = many_users(1000)
+    tune, report = split_tune_eval(data, 7, 0.5, max_tune=100, max_report=300)
+    assert tune.n_users == 100 and report.n_users == 300
+    assert not set(tune.user_rows) & set(report.user_rows)
+    again, _ = split_tune_eval(data, 7, 0.5, max_tune=100, max_report=300)
+    np.testing.assert_array_equal(again.user_rows, tune.user_rows)
+
+
+def test_top_k_blocks_do_not_change_the_ranking_and_scorers_arrays_stay_untouched():
+    data = many_users(300)
+    scores = np.random.default_rng(3).random((300, 50))
+    before = scores.copy()
+    whole = top_k(lambda rows: scores[rows], data, 10, chunk=300)
+    blocks = top_k(lambda rows: scores[rows], data, 10, chunk=7)
+    np.testing.assert_array_equal(whole, blocks)
+    shared = top_k(lambda rows: np.broadcast_to(scores[0], (len(rows), 50)), data, 10)
+    assert shared.shape == (300, 10)
+    np.testing.assert_array_equal(scores, before)
