@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import time
 import urllib.request
 
 import numpy as np
@@ -16,6 +17,7 @@ import pytest
 
 from client.bad_requests import corpus, send
 from common import contract
+from ensemble.metrics import FLUSH_INTERVAL_S
 
 pytestmark = [pytest.mark.integration, pytest.mark.compat]
 
@@ -101,8 +103,14 @@ def test_metric_families_degrade_to_counters(container_server):
 
     with RetrievalClient(container_server.grpc_url) as client:
         client.recommend([1, 2], top_k=3)
-    with urllib.request.urlopen(container_server.metrics_url, timeout=10) as r:
-        text = r.read().decode()
+    # The model sends its metrics from a background thread every FLUSH_INTERVAL_S.
+    deadline = time.monotonic() + 25 * FLUSH_INTERVAL_S
+    while True:
+        with urllib.request.urlopen(container_server.metrics_url, timeout=10) as r:
+            text = r.read().decode()
+        if re.search(r'^retrieval_stage_seconds_count\{.*stage="search".*\} [1-9]', text, re.M) or time.monotonic() > deadline:
+            break
+        time.sleep(FLUSH_INTERVAL_S / 4)
     assert re.search(r'^retrieval_requests_total\{.*outcome="ok".*\} [1-9]', text, re.M)
     for family in ("retrieval_stage_seconds_sum", "retrieval_stage_seconds_count", "retrieval_batch_users_sum", "retrieval_batch_users_count"):
         assert re.search(rf"^# TYPE {family} counter$", text, re.M), family

@@ -1,6 +1,7 @@
 """Triton's Prometheus endpoint carries our metric families with values that add up."""
 
 import re
+import time
 import urllib.request
 
 import pandas as pd
@@ -8,6 +9,7 @@ import pytest
 
 from common import contract
 from common.errors import ClientError
+from ensemble.metrics import FLUSH_INTERVAL_S
 
 pytestmark = pytest.mark.integration
 
@@ -46,6 +48,13 @@ def test_our_families_count_what_we_sent(server, trained):
         client.recommend(users[:1], top_k=3, exclude_seen=True)
         with pytest.raises(ClientError):
             client.recommend(users[:1], top_k=0)
+    # The model sends its metrics from a background thread every FLUSH_INTERVAL_S: wait until the
+    # request counters show the 6 requests, then one more interval for the rest of that send.
+    deadline = time.monotonic() + 25 * FLUSH_INTERVAL_S
+    while metric(scrape(server), "retrieval_requests_total") - metric(before, "retrieval_requests_total") < 6:
+        assert time.monotonic() < deadline, "the request counters did not reach the metrics port within 25 flush intervals"
+        time.sleep(FLUSH_INTERVAL_S / 4)
+    time.sleep(FLUSH_INTERVAL_S)
     after = scrape(server)
 
     def delta(name, **labels):
