@@ -168,10 +168,23 @@ def merge(requests: list[ParsedRequest], feature_names: tuple[str, ...] = ()) ->
     for r in requests:
         exclude[row : row + r.batch, : r.exclude.shape[1]] = r.exclude
         row += r.batch
-    features = {
-        name: np.concatenate([r.features.get(name, np.full(r.batch, contract.FEATURE_NOT_GIVEN, np.int64)) for r in requests])
-        for name in feature_names
-    }
+    total = len(exclude)
+    features = {}
+    for name in feature_names:
+        if any(name in r.features for r in requests):
+            features[name] = np.concatenate(
+                [r.features.get(name, np.full(r.batch, contract.FEATURE_NOT_GIVEN, np.int64)) for r in requests])
+        else:  # the usual case: nobody sent it, so one array of "not given" (no per-request arrays to join)
+            features[name] = np.full(total, contract.FEATURE_NOT_GIVEN, np.int64)
+    if len(requests) == 1:
+        only = requests[0]
+        return {
+            **features,
+            contract.INPUT_USER_ID: only.user_ids.copy(),  # a fresh array, as concatenate gives
+            TOP_K: np.full(total, only.top_k, dtype=np.int32),
+            contract.INPUT_EXCLUDE: exclude,
+            EXCLUDE_SEEN: np.full(total, only.exclude_seen, dtype=bool),
+        }
     return {
         **features,
         contract.INPUT_USER_ID: np.concatenate([r.user_ids for r in requests]),
@@ -197,7 +210,7 @@ def split(outputs: Mapping[str, np.ndarray], requests: list[ParsedRequest]) -> l
 
 def parse_parameters(raw: str | None) -> dict[str, Any]:
     """A Triton request's parameters JSON -> dict (empty when absent)."""
-    if not raw:
+    if not raw or raw == "{}":  # what the backend hands over for a request without parameters
         return {}
     try:
         params = json.loads(raw)

@@ -57,6 +57,7 @@ def test_top_k_is_capped_by_the_catalogue():
 
 def test_parameters_json():
     assert parse_parameters(None) == {} and parse_parameters('{"top_k": 5}') == {"top_k": 5}
+    assert parse_parameters("{}") == {} and parse_parameters("") == {}
     with pytest.raises(RequestError, match="not valid JSON"):
         parse_parameters("{")
     with pytest.raises(RequestError, match="must be a JSON object"):
@@ -74,6 +75,88 @@ def test_merge_and_split_keep_each_request_apart():
     first, second = split(outputs, [a, b])
     assert first[contract.OUTPUT_ITEM_IDS].tolist() == [[0, 1], [4, 5]] and second[contract.OUTPUT_ITEM_IDS].tolist() == [[8, 9, 10, 11]]
     assert first[contract.OUTPUT_UNKNOWN].tolist() == [[False], [True]]
+
+
+def test_merge_fills_features_nobody_sent_and_keeps_the_ones_sent():
+    limits = Limits(max_batch_size=4, user_features=("user_age", "user_gender"))
+    a = parse_request({contract.INPUT_USER_ID: users(1, 2), "user_age": np.array([[5], [-1]])}, {}, limits, 100)
+    b = parse_request({contract.INPUT_USER_ID: users(3)}, {"exclude_seen": True}, limits, 100)
+    merged = merge([a, b], limits.user_features)
+    assert merged["user_age"].tolist() == [5, -1, contract.FEATURE_NOT_GIVEN]
+    assert merged["user_gender"].tolist() == [contract.FEATURE_NOT_GIVEN] * 3 and merged["user_gender"].dtype == np.int64
+    alone = merge([b], limits.user_features)
+    together = merge([b, b], limits.user_features)
+    for name, values in alone.items():  # one request merges like any other batch
+        assert values.dtype == together[name].dtype and values.tolist() == together[name][: len(values)].tolist(), name
+    assert alone[contract.INPUT_USER_ID] is not b.user_ids  # a fresh array, not the request's tensor
+
+
+class _Recorder:
+    """The part of a Python backend's metric API that ServingMetrics calls, writing down each call."""
+
+    calls: list = []
+
+    class TritonError(Exception):
+        pass
+
+    class Metric:
+        def __init__(self, labels, buckets=None):
+            self.labels = labels
+
+        def increment(self, value):
+            _Recorder.calls.append(("increment", self.labels, value))
+
+        def observe(self, value):
+            _Recorder.calls.append(("observe", self.labels, value))
+
+    class MetricFamily:
+        COUNTER, HISTOGRAM = "counter", "histogram"
+
+        def __init__(self, name, text, kind):
+            self.name = name
+
+        def Metric(self, labels, buckets=None):  # noqa: N802 - the backend's name
+            return _Recorder.Metric({"family": self.name, **labels}, buckets)
+
+
+@pytest.mark.parametrize("histograms", [True, False])
+def test_metrics_are_queued_per_batch_and_sent_coalesced(histograms):
+    from ensemble.backend import BackendCapabilities
+    from ensemble.executor import BatchReport
+    from ensemble.metrics import ServingMetrics
+
+    caps = BackendCapabilities(_Recorder)
+    caps.histograms = histograms
+    _Recorder.calls = []
+    metrics = ServingMetrics(_Recorder, caps, "retrieval", "1", flush_interval_s=3600)
+    stages = {"LookupUserFeatures": 0.001, "QueryTower": 0.002, "SelectionOp": 9.0}
+    metrics.record(BatchReport(ok=2, invalid=1, users=3, unknown_users=1, excluded_items=4, parse_s=0.5, stages_s=stages))
+    metrics.record(BatchReport(ok=1, users=1, parse_s=0.25, stages_s=stages))
+    metrics.record_failure("unavailable", 2)
+    assert _Recorder.calls == []  # nothing reaches the backend on the request path
+    metrics.close()
+
+    def sent(call, family, **labels):
+        return [v for c, got, v in _Recorder.calls if c == call and got["family"] == family and labels.items() <= got.items()]
+
+    assert sent("increment", "retrieval_requests_total", outcome="ok") == [3]
+    assert sent("increment", "retrieval_requests_total", outcome="invalid") == [1]
+    assert sent("increment", "retrieval_requests_total", outcome="unavailable") == [2]
+    assert sent("increment", "retrieval_requests_total", outcome="error") == []  # zeros are not sent
+    assert sent("increment", "retrieval_users_total", kind="known") == [2 + 1]
+    assert sent("increment", "retrieval_excluded_items_total", source="seen") == []
+    if histograms:  # one observation per executed batch, as before
+        assert sent("observe", "retrieval_stage_seconds", stage="parse") == [0.5, 0.25]
+        assert sent("observe", "retrieval_stage_seconds", stage="tower") == [0.002, 0.002]
+        assert sent("observe", "retrieval_batch_users") == [3, 1]
+        assert sent("observe", "retrieval_stage_seconds", stage="transform") == []
+    else:  # sums and counts as counters, one increment each per send
+        assert sent("increment", "retrieval_stage_seconds_sum", stage="parse") == [0.75]
+        assert sent("increment", "retrieval_stage_seconds_count", stage="parse") == [2]
+        assert sent("increment", "retrieval_batch_users_sum") == [4.0] and sent("increment", "retrieval_batch_users_count") == [2]
+    calls = len(_Recorder.calls)
+    metrics.record(BatchReport(ok=1, users=1))  # after close: dropped, nothing sent
+    assert metrics.flush() == 0 and len(_Recorder.calls) == calls
 
 
 def test_graph_runner_equals_merlins_executor(executor, trained):
