@@ -33,7 +33,7 @@ HEALTH_PORT ?= 8003
 export PYTHONPATH := $(CURDIR)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help venv train eval fetch-movielens ensemble serve health deploy rollback client demo soak chaos gpu-image-resolve bench test test-compat test-unit test-integration clean
+.PHONY: help venv train tune eval fetch-movielens ensemble serve health deploy rollback client demo soak chaos gpu-image-resolve bench test test-compat test-unit test-integration clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-18s %s\n", $$1, $$2}'
@@ -58,6 +58,10 @@ venv: $(STAMP) ## create .venv from the pinned requirements (Python 3.11)
 
 train: $(STAMP) ## data -> ETL -> training -> evaluation -> export into $(ARTIFACTS)
 	$(PY) -m train run --work $(WORK) --out $(ARTIFACTS) --overwrite $(CONFIG_FLAG)
+
+TUNE_TRIALS ?= 8
+tune: $(STAMP) ## bounded search on the tuning users (TUNE_TRIALS=8) -> $(BUILD)/tune/chosen.yaml (then make train CONFIG=that)
+	$(PY) -m train tune --work $(BUILD)/tune/work --out $(BUILD)/tune/chosen.yaml --trials $(TUNE_TRIALS) $(CONFIG_FLAG)
 
 eval: $(STAMP) ## full-catalogue evaluation of $(ARTIFACTS) against random, popular, ALS (and the oracle)
 	$(PY) -m train evaluate --work $(WORK) --artifacts $(ARTIFACTS)
@@ -104,7 +108,7 @@ gpu-image-resolve: ## pip --dry-run of docker/Dockerfile.gpu's requirement set (
 	set -o pipefail; $(BUILD)/gpu-resolve/bin/python -m pip install --disable-pip-version-check --dry-run --ignore-installed -r requirements-gpu.txt -c constraints.txt | tail -1 | fold -w 160
 	rm -rf $(BUILD)/gpu-resolve
 
-bench: $(STAMP) ## serving benchmark at BENCH_ITEMS items: ours vs the Merlin reference vs Triton's floor -> $(BUILD)/bench
+bench: $(STAMP) ## serving benchmark at BENCH_ITEMS items (above 1M, ours at 1M too): ours vs the Merlin reference (stock; given our index; and batching) vs Triton's floor, ratio targets -> $(BUILD)/bench
 	@test -f $(ARTIFACTS)/manifest.json || $(MAKE) --no-print-directory train
 	$(PY) -m bench --artifacts $(ARTIFACTS) --work $(WORK) --out $(BUILD)/bench --items $(BENCH_ITEMS) --tools .tools/perf_analyzer $(BENCH_FLAGS)
 

@@ -78,6 +78,9 @@ class DataConfig:
             when `timestamp` is set, random otherwise).
         holdout_min: at least this many held out per user who has more candidates than that
             (users with fewer stay entirely in training).
+        cold_users: users (a seeded sample of those with a positive) removed before training
+            entirely, with every interaction, into `cold.parquet`: the new users of the
+            cold-start evaluation. At most a fifth of those users are taken.
         seed: seed of every random draw in data generation and splitting.
         user_id: column holding the user id.
         item_id: column holding the item id.
@@ -109,6 +112,7 @@ class DataConfig:
     holdout: str = "all"
     holdout_by: str = "auto"
     holdout_min: int = 0
+    cold_users: int = 200
     seed: int = 42
     user_id: str = "user_id"
     item_id: str = "item_id"
@@ -142,6 +146,7 @@ class DataConfig:
         _check(self.holdout_by in ("auto", "time", "random"), f"data.holdout_by must be auto, time or random, got {self.holdout_by!r}")
         _check(self.holdout_by != "time" or bool(self.timestamp), "data.holdout_by=time needs data.timestamp")
         _check(self.holdout_min >= 0, f"data.holdout_min must be >= 0, got {self.holdout_min}")
+        _check(self.cold_users >= 0, f"data.cold_users must be >= 0, got {self.cold_users}")
         reserved = {contract.INPUT_USER_ID, contract.INPUT_EXCLUDE, contract.OUTPUT_ITEM_IDS, contract.OUTPUT_SCORES,
                     contract.OUTPUT_UNKNOWN, contract.PARAM_TOP_K, contract.PARAM_EXCLUDE_SEEN, "query_embedding"}
         clash = sorted(reserved & set(self.user_features))
@@ -187,6 +192,11 @@ class TrainConfig:
         temperature: logits are divided by it before the in-batch softmax.
         logq_correction: weight of the log-popularity correction of in-batch logits (0: off).
         dropout: dropout after each hidden MLP layer.
+        mask_user_id: share of training examples whose user id is replaced by the unknown-id code
+            (NVTabular's out-of-vocabulary index 2), so that the row every new user hits is trained.
+        mask_features: share of training examples in which each user feature, independently, is
+            replaced by the missing-value code (index 1: a feature not sent) or, for as many again,
+            by the unseen-value code (index 2: a value training never saw).
         early_stopping_patience: epochs without a better validation recall before stopping (0: off).
         eval_ks: cut-offs of the full-catalogue evaluation.
         seed: seed of TensorFlow and NumPy during training.
@@ -202,6 +212,8 @@ class TrainConfig:
     temperature: float = 0.05
     logq_correction: float = 1.0
     dropout: float = 0.2
+    mask_user_id: float = 0.1
+    mask_features: float = 0.05
     early_stopping_patience: int = 3
     eval_ks: tuple[int, ...] = (10, 50, 100)
     seed: int = 42
@@ -221,6 +233,8 @@ class TrainConfig:
         _check(self.temperature > 0, "train.temperature must be > 0")
         _check(self.logq_correction >= 0, "train.logq_correction must be >= 0")
         _check(0 <= self.dropout < 1, "train.dropout must be in [0, 1)")
+        _check(0 <= self.mask_user_id < 1, f"train.mask_user_id must be in [0, 1), got {self.mask_user_id}")
+        _check(0 <= self.mask_features <= 0.5, f"train.mask_features must be in [0, 0.5], got {self.mask_features}")
         _check(self.early_stopping_patience >= 0, "train.early_stopping_patience must be >= 0")
         _check(len(self.eval_ks) >= 1 and min(self.eval_ks) >= 1, "train.eval_ks needs cut-offs >= 1")
 
@@ -248,6 +262,9 @@ class EvalConfig:
             interval of (two-tower minus baseline) excludes zero, TIES otherwise.
         als_budget_s: the ALS baseline's grid search stops starting new settings after this
             many seconds (the settings are tried from the likeliest; at least one always runs).
+        segment: user features whose raw values define the segments of the "popular within
+            segment" baseline of the cold-start table; "name/10" buckets a number by tens (age
+            decades). Features the data does not have are left out.
     """
 
     seeds: int = 3
@@ -257,6 +274,7 @@ class EvalConfig:
     bootstrap: int = 1000
     confidence: float = 0.95
     als_budget_s: float = 600.0
+    segment: tuple[str, ...] = ("user_gender", "user_age")
 
     def __post_init__(self) -> None:
         _check(self.seeds >= 1, f"eval.seeds must be >= 1, got {self.seeds}")
@@ -266,6 +284,10 @@ class EvalConfig:
         _check(self.bootstrap >= 100, f"eval.bootstrap must be >= 100, got {self.bootstrap}")
         _check(0.5 < self.confidence < 1.0, f"eval.confidence must be in (0.5, 1), got {self.confidence}")
         _check(self.als_budget_s > 0, f"eval.als_budget_s must be > 0, got {self.als_budget_s}")
+        for entry in self.segment:
+            name, _, width = entry.partition("/")
+            _check(bool(name) and (not width or (width.isdigit() and int(width) >= 1)),
+                   f"eval.segment entries are a feature name or name/width (width >= 1), got {entry!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -273,21 +295,30 @@ class IndexConfig:
     """The FAISS index served for top-K search.
 
     Attributes:
-        kind: "auto" (flat up to flat_max_items, IVF-Flat up to ivf_max_items, IVF-SQ above),
+        kind: "auto" (flat up to flat_max_items, IVF-Flat up to ivf_max_items, IVF-PQ above),
             "flat" (exact inner product), "ivf" (IVF-Flat), "ivf_sq" (IVF whose lists hold
-            scalar-quantized codes, `sq_type`: a quarter of the memory at SQ8) or "hnsw"
-            (HNSW-Flat). `make bench` measures them: at 1M items IVF1024 with nprobe 16 kept
+            scalar-quantized codes, `sq_type`: a quarter of the memory at SQ8), "ivf_pq" (IVF
+            whose lists hold 4-bit product-quantized codes scanned with SIMD lookups, the best
+            refine_k_factor x k re-ranked by the `refine` codes) or "hnsw" (HNSW-Flat). `make bench` measures them: at 1M items IVF1024 with nprobe 16 kept
             recall@10 at 0.987 for 0.13 ms a query, HNSW32 reached 0.68 at ef 128 on these
             inner-product embeddings with twice the memory; at 10M, IVF-Flat needs 2.6 GB.
         flat_max_items: the largest catalogue that "auto" serves with an exact index.
         ivf_max_items: the largest catalogue that "auto" serves with IVF-Flat (float vectors in
-            the lists); above it, "auto" builds ivf_sq with sq_nlist cells and sq_nprobe.
+            the lists); above it, "auto" builds ivf_pq.
         nlist: IVF-Flat cells; capped at the catalogue size / 39 so that k-means has data.
         nprobe: IVF-Flat cells visited per query.
         sq_nlist: IVF-SQ cells (capped as nlist is).
         sq_nprobe: IVF-SQ cells visited per query.
         sq_type: the code of each vector in IVF-SQ lists: "SQ8" (1 byte a dimension), "SQ6",
             "SQ4" or "SQfp16" (2 bytes a dimension).
+        pq_nlist: IVF-PQ cells (capped as nlist is).
+        pq_nprobe: IVF-PQ cells visited per query.
+        pq_m: IVF-PQ sub-quantizers, 4 bits each (pq_m / 2 bytes a vector); must divide the
+            embedding size.
+        refine: codes the IVF-PQ short list is re-ranked with: "SQfp16" (2 bytes a dimension,
+            scores within about 1e-4 of exact), "SQ8", "Flat" (exact, 4 bytes a dimension) or
+            "none".
+        refine_k_factor: IVF-PQ returns refine_k_factor x k candidates for re-ranking.
         train_points_per_cell: IVF k-means is trained on a seeded sample of this many vectors
             per cell (FAISS itself caps at 256), not on the whole catalogue.
         add_chunk: vectors added to an IVF index per call, which bounds the temporary memory
@@ -307,6 +338,11 @@ class IndexConfig:
     sq_nlist: int = 4096
     sq_nprobe: int = 32
     sq_type: str = "SQ8"
+    pq_nlist: int = 4096
+    pq_nprobe: int = 64
+    pq_m: int = 32
+    refine: str = "SQfp16"
+    refine_k_factor: float = 16.0
     train_points_per_cell: int = 64
     add_chunk: int = 1_000_000
     hnsw_m: int = 32
@@ -316,7 +352,7 @@ class IndexConfig:
     recall_sample: int = 1000
 
     def __post_init__(self) -> None:
-        kinds = ("auto", "flat", "ivf", "ivf_sq", "hnsw")
+        kinds = ("auto", "flat", "ivf", "ivf_sq", "ivf_pq", "hnsw")
         _check(self.kind in kinds, f"index.kind must be one of {kinds}, got {self.kind!r}")
         _check(self.nlist >= 1, f"index.nlist must be >= 1, got {self.nlist}")
         _check(1 <= self.nprobe <= self.nlist, f"index.nprobe must be in 1..nlist={self.nlist}, got {self.nprobe}")
@@ -327,6 +363,12 @@ class IndexConfig:
         _check(1 <= self.sq_nprobe <= self.sq_nlist, f"index.sq_nprobe must be in 1..sq_nlist={self.sq_nlist}, got {self.sq_nprobe}")
         sq_types = ("SQ8", "SQ6", "SQ4", "SQfp16")
         _check(self.sq_type in sq_types, f"index.sq_type must be one of {sq_types}, got {self.sq_type!r}")
+        _check(self.pq_nlist >= 1, f"index.pq_nlist must be >= 1, got {self.pq_nlist}")
+        _check(1 <= self.pq_nprobe <= self.pq_nlist, f"index.pq_nprobe must be in 1..pq_nlist={self.pq_nlist}, got {self.pq_nprobe}")
+        _check(self.pq_m >= 1 and self.pq_m % 2 == 0, f"index.pq_m must be a positive even number, got {self.pq_m}")
+        refines = ("none", "SQfp16", "SQ8", "Flat")
+        _check(self.refine in refines, f"index.refine must be one of {refines}, got {self.refine!r}")
+        _check(self.refine_k_factor >= 1, f"index.refine_k_factor must be >= 1, got {self.refine_k_factor}")
         _check(self.train_points_per_cell >= 39, f"index.train_points_per_cell must be >= 39, got {self.train_points_per_cell}")
         _check(self.add_chunk >= 1, f"index.add_chunk must be >= 1, got {self.add_chunk}")
         _check(self.hnsw_m >= 2, f"index.hnsw_m must be >= 2, got {self.hnsw_m}")
@@ -341,7 +383,7 @@ class IndexConfig:
             return self.kind
         if n_items <= self.flat_max_items:
             return "flat"
-        return "ivf" if n_items <= self.ivf_max_items else "ivf_sq"
+        return "ivf" if n_items <= self.ivf_max_items else "ivf_pq"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -20,6 +20,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     ev.add_argument("--work", required=True, type=Path, help="the training work folder (splits, ETL output)")
     ev.add_argument("--artifacts", required=True, type=Path, help="artifacts folder to evaluate")
     ev.add_argument("--out", type=Path, help="folder for metrics.json/.md/.png (default: the artifacts folder)")
+    tu = sub.add_parser("tune", help="bounded search on the tuning users; writes the chosen config as YAML")
+    tu.add_argument("--work", required=True, type=Path, help="folder for raw splits and ETL output")
+    tu.add_argument("--out", required=True, type=Path, help="YAML file to write the chosen configuration to")
+    tu.add_argument("--trials", type=int, default=8, help="trials, the configuration as given first (default 8)")
+    tu.add_argument("--budget-s", type=float, default=1800.0, help="no new trial starts after this many seconds (default 1800)")
+    tu.add_argument("--seed", type=int, default=0, help="seed of the settings drawn")
+    add_config_args(tu)
     ml = sub.add_parser("fetch-movielens", help="MovieLens-100k (from the recbole wheel on PyPI) as declared-dataset files")
     ml.add_argument("--out", required=True, type=Path, help="folder for interactions.csv, users.csv, items.csv")
     data = sub.add_parser("data", help="only write the raw train/valid splits")
@@ -41,6 +48,11 @@ def main(argv=None) -> int:
         fetch_movielens(args.out)
         return 0
     cfg = config_from_args(args)
+    if args.command == "tune":
+        from train.tune import run_tuning
+
+        run_tuning(cfg, args.work, args.out, args.trials, args.budget_s, args.seed)
+        return 0
     if args.command == "data":
         from train.data import prepare_data
 

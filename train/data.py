@@ -24,6 +24,7 @@ LOG = logging.getLogger(__name__)
 TRAIN_FILE = "train.parquet"
 VALID_FILE = "valid.parquet"
 TRUTH_FILE = "truth.npz"
+COLD_FILE = "cold.parquet"  # every interaction of the users kept out of training (cold-start evaluation)
 
 # Shape of the hidden model behind synthetic clicks (see generate_synthetic).
 EXPOSURE_SCALE = 8.0  # how personalized the logging policy's personalized channel is
@@ -358,6 +359,25 @@ def split_holdout(df: pd.DataFrame, cfg: DataConfig) -> tuple[pd.DataFrame, pd.D
     return df[~valid].reset_index(drop=True), df[valid].reset_index(drop=True)
 
 
+def remove_cold_users(train: pd.DataFrame, valid: pd.DataFrame, cfg: DataConfig) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Takes `cold_users` users with a positive (a seeded sample, at most a fifth of them) out of both splits.
+
+    Returns:
+        (train, valid, every interaction of the removed users in time order when there is a timestamp).
+    """
+    positives = pd.concat([train.loc[cfg.is_positive(train[cfg.label]), cfg.user_id], valid.loc[cfg.is_positive(valid[cfg.label]), cfg.user_id]])
+    candidates = np.unique(positives.to_numpy())
+    n = min(cfg.cold_users, len(candidates) // 5)
+    if n < cfg.cold_users:
+        LOG.info("cold users: %d asked for, %d taken (a fifth of the %d users with a positive)", cfg.cold_users, n, len(candidates))
+    cold = np.sort(np.random.default_rng(cfg.seed + 2).choice(candidates, size=n, replace=False))
+    in_train, in_valid = train[cfg.user_id].isin(cold).to_numpy(), valid[cfg.user_id].isin(cold).to_numpy()
+    cold_df = pd.concat([train[in_train], valid[in_valid]], ignore_index=True)
+    if cfg.timestamp:
+        cold_df = cold_df.sort_values([cfg.user_id, cfg.timestamp], kind="stable", ignore_index=True)
+    return train[~in_train].reset_index(drop=True), valid[~in_valid].reset_index(drop=True), cold_df
+
+
 def check_columns(df: pd.DataFrame, cfg: DataConfig, where: str) -> None:
     """Raises DataError unless every declared column is present."""
     wanted = [*cfg.user_columns, *cfg.item_columns, cfg.label]
@@ -396,6 +416,9 @@ def prepare_data(cfg: DataConfig, out_dir: str | Path) -> dict[str, Path]:
         else:
             df = generate_merlin(cfg)
         train_df, valid_df = split_holdout(df, cfg)
+    train_df, valid_df, cold_df = remove_cold_users(train_df, valid_df, cfg)
+    paths["cold"] = out / COLD_FILE
+    cold_df.to_parquet(paths["cold"], index=False)
     for name, frame in (("train", train_df), ("valid", valid_df)):
         check_columns(frame, cfg, name)
         frame.to_parquet(paths[name], index=False)

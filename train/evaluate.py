@@ -307,7 +307,7 @@ def split_tune_eval(data: EvalSet, seed: int, tune_fraction: float = 0.5, max_tu
 # ----- report ------------------------------------------------------------------------------------
 
 
-def verdicts(report: dict, k: int = 10) -> list[str]:
+def verdicts(report: dict, k: int | None = None) -> list[str]:
     """One line per baseline: does the two-tower model beat it at Recall@k, with the interval.
 
     BEATS / LOSES TO only when the paired bootstrap interval excludes zero; TIES otherwise.
@@ -315,6 +315,7 @@ def verdicts(report: dict, k: int = 10) -> list[str]:
     methods, reference = report["methods"], report.get("reference", "two_tower")
     if reference not in methods:
         return []
+    k = k or report["ks"][0]
     metric = f"recall@{k}"
     ours = methods[reference][metric]
     lines = []
@@ -357,7 +358,12 @@ def save_report(report: dict, out_dir: Path) -> dict[str, Path]:
     paths["json"].write_text(json.dumps(report, indent=2))
     losses = [line for line in verdicts(report) if "LOSES TO" in line]
     banner = "".join(f"**WARNING: {line}**\n\n" for line in losses)
-    paths["md"].write_text(banner + format_table(report) + "\n\n" + "\n".join(verdicts(report)) + "\n")
+    cold = ""
+    if "cold_start" in report:
+        c = report["cold_start"]
+        cold = (f"\n## Cold start: {c['n_users']} users kept out of training, {c.get('history', 'features only')}\n\n"
+                + format_table(c) + "\n\n" + "\n".join(verdicts(c)) + "\n")
+    paths["md"].write_text(banner + format_table(report) + "\n\n" + "\n".join(verdicts(report)) + "\n" + cold)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, curve in report["recall_curves"].items():
         ax.plot(np.arange(1, len(curve) + 1), curve, label=name)

@@ -99,6 +99,43 @@ def embeddings(model: tf.keras.Model, tables: Tables) -> tuple[np.ndarray, np.nd
     )
 
 
+MASKED_DIR = "train_masked"
+
+
+def mask_training_rows(etl_dir: Path, data_cfg: DataConfig, cfg: TrainConfig) -> Path:
+    """The encoded training positives with user ids and user features masked (cold-start rows).
+
+    A `mask_user_id` share of rows gets the unknown-id code (OOV_OFFSET) as user id; in a
+    `mask_features` share, each user feature independently gets the missing-value code
+    (NULL_OFFSET), and in as many again the unseen-value code (OOV_OFFSET). These are the codes
+    the served workflow gives a new user's id, a feature not sent and a value training never saw,
+    so the embedding rows they select are trained rather than left at their initial values.
+    Seeded by cfg.seed. Returns the training folder to read (the unmasked one when both shares are 0).
+    """
+    from nvtabular.ops.categorify import NULL_OFFSET, OOV_OFFSET
+
+    source = etl_dir / etl_stage.TRAIN_DIR
+    if cfg.mask_user_id == 0 and cfg.mask_features == 0:
+        return source
+    dataset = Dataset(str(source), engine="parquet")
+    frame = etl_stage.read_encoded(source)
+    rng = np.random.default_rng(cfg.seed + 7)
+    n = len(frame)
+    ids = frame[data_cfg.user_id].to_numpy()
+    frame[data_cfg.user_id] = np.where(rng.random(n) < cfg.mask_user_id, OOV_OFFSET, ids).astype(ids.dtype)
+    for name in data_cfg.user_features:
+        draw = rng.random(n)
+        values = frame[name].to_numpy()
+        values = np.where(draw < cfg.mask_features, NULL_OFFSET, values)
+        values = np.where((draw >= cfg.mask_features) & (draw < 2 * cfg.mask_features), OOV_OFFSET, values)
+        frame[name] = values.astype(frame[name].dtype)
+    out = etl_dir / MASKED_DIR
+    Dataset(frame, schema=dataset.schema).to_parquet(str(out), output_files=1)
+    LOG.info("masked training rows: user id %.0f%%, each user feature %.0f%% missing + %.0f%% unseen (%d rows)",
+             100 * cfg.mask_user_id, 100 * cfg.mask_features, 100 * cfg.mask_features, n)
+    return out
+
+
 class _StepProgress(tf.keras.callbacks.Callback):
     """Feeds a progress bar with the examples of each training step."""
 
@@ -120,7 +157,7 @@ def train_two_tower(cfg: TrainConfig, data_cfg: DataConfig, etl_dir: Path, table
         tune: the tuning users (see train.evaluate.split_tune_eval), never the reported ones.
     """
     tf.keras.utils.set_random_seed(cfg.seed)
-    train = Dataset(str(etl_dir / etl_stage.TRAIN_DIR), engine="parquet")
+    train = Dataset(str(mask_training_rows(etl_dir, data_cfg, cfg)), engine="parquet")
     user_schema, item_schema = tower_schemas(train.schema)
     train.schema = user_schema + item_schema
     probs = None

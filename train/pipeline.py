@@ -13,13 +13,15 @@ import pandas as pd
 
 from common.config import PipelineConfig
 from train import etl as etl_stage
-from train.data import TRUTH_FILE, Truth, prepare_data
+from train.coldstart import ColdUsers, cold_start_report, load_cold_users
+from train.data import COLD_FILE, TRUTH_FILE, Truth, prepare_data
 from train.evaluate import (
     EvalSet, Scorer, als_scorer, embedding_scorer, evaluate_methods, format_table, interactions_matrix,
     popularity_scorer, random_scorer, split_tune_eval, tuned_als_scorer, verdicts,
 )
 from train.export import export_artifacts, prepare_output
-from train.fit import Tables, embeddings, load_tables, train_two_tower
+from train.fit import Tables, embeddings, load_tables, tower_inputs, train_two_tower
+from train.model import encode_in_batches
 from train.stages import StageRecorder
 
 LOG = logging.getLogger(__name__)
@@ -92,10 +94,23 @@ def evaluate_all(cfg: PipelineConfig, report_users: EvalSet, model_embeddings: l
     return report
 
 
+def cold_start(cfg: PipelineConfig, work_dir: Path, tables: Tables, cold: ColdUsers, queries: list[np.ndarray],
+               items: list[np.ndarray]) -> dict:
+    """The cold-start table of the users kept out of training (see train.coldstart)."""
+    counts = interactions_matrix(*tables.train_pairs, len(tables.users), len(tables.items))
+    warm_raw = pd.read_parquet(work_dir / ETL_DIR / etl_stage.USERS_RAW)
+    return cold_start_report(cold, queries, items, counts, warm_raw, cfg.eval, tuple(cfg.train.eval_ks), cfg.data.seed)
+
+
 def log_report(report: dict, cfg: PipelineConfig) -> None:
     LOG.info("full-catalogue evaluation on %d users, %d items:\n%s", report["n_users"], report["n_items"], format_table(report))
     for line in verdicts(report, cfg.train.eval_ks[0]):
         (LOG.warning if "LOSES TO" in line else LOG.info)(line)
+    if "cold_start" in report:
+        cold = report["cold_start"]
+        LOG.info("cold start: %d new users, features only:\n%s", cold["n_users"], format_table(cold))
+        for line in verdicts(cold, cfg.train.eval_ks[0]):
+            LOG.info("cold start: %s", line)
 
 
 def evaluate_artifacts(work_dir: str | Path, artifacts_dir: str | Path, out_dir: str | Path | None = None) -> dict:
@@ -110,7 +125,6 @@ def evaluate_artifacts(work_dir: str | Path, artifacts_dir: str | Path, out_dir:
     from common.manifest import read_manifest
     from ensemble.ops.tower import NumpyTower
     from train.evaluate import save_report
-    from train.fit import tower_inputs
 
     work, artifacts = Path(work_dir), Path(artifacts_dir)
     manifest = read_manifest(artifacts)
@@ -123,6 +137,9 @@ def evaluate_artifacts(work_dir: str | Path, artifacts_dir: str | Path, out_dir:
     tune, report_users = evaluation_users(cfg, tables)
     baselines, als_params = baseline_scorers(cfg, work, tables, tune)
     report = evaluate_all(cfg, report_users, [(queries, items)], baselines, als_params, tune.n_users)
+    cold = load_cold_users(work / DATA_DIR / COLD_FILE, work / ETL_DIR, cfg.data)
+    if cold is not None:
+        report["cold_start"] = cold_start(cfg, work, tables, cold, [tower.embed(tower_inputs(cold.encoded))], [items])
     log_report(report, cfg)
     save_report(report, Path(out_dir) if out_dir else artifacts)
     return report
@@ -155,8 +172,9 @@ def run_training(cfg: PipelineConfig, work_dir: str | Path, out_dir: str | Path,
     with stages.stage("tables and users", "positives") as s:
         tables = load_tables(work / ETL_DIR, cfg.data)
         tune, report_users = evaluation_users(cfg, tables)
+        cold = load_cold_users(work / DATA_DIR / COLD_FILE, work / ETL_DIR, cfg.data)
         s.rows = len(tables.train_pairs[0]) + len(tables.valid_pairs[0])
-    model_embeddings, first = [], None
+    model_embeddings, cold_queries, first = [], [], None
     for i in range(cfg.eval.seeds):
         train_cfg = dataclasses.replace(cfg.train, seed=cfg.train.seed + i)
         with stages.stage(f"training (seed {train_cfg.seed})", "examples") as s:
@@ -164,6 +182,8 @@ def run_training(cfg: PipelineConfig, work_dir: str | Path, out_dir: str | Path,
             s.rows = int(round(result.examples_per_s * sum(h["seconds"] for h in result.history)))
         with stages.stage(f"embeddings (seed {train_cfg.seed})", "users+items") as s:
             model_embeddings.append(embeddings(result.model, tables))
+            if cold is not None:
+                cold_queries.append(encode_in_batches(result.model.query_encoder, tower_inputs(cold.encoded)))
             s.rows = len(tables.users) + len(tables.items)
         if first is None:
             first = result
@@ -174,6 +194,8 @@ def run_training(cfg: PipelineConfig, work_dir: str | Path, out_dir: str | Path,
         s.rows = tune.n_users * als_params["settings_tried"]
     with stages.stage("evaluation", "users") as s:
         report = evaluate_all(cfg, report_users, model_embeddings, baselines, als_params, tune.n_users)
+        if cold is not None:
+            report["cold_start"] = cold_start(cfg, work, tables, cold, cold_queries, [items for _, items in model_embeddings])
         s.rows = report_users.n_users * sum(len(v) if isinstance(v, list) else 1 for v in baselines.values()) + report_users.n_users * len(model_embeddings)
     log_report(report, cfg)
     with stages.stage("export and index", "items") as s:

@@ -162,7 +162,7 @@ def test_missing_declared_column_is_a_clear_error(synthetic):
 
 def test_prepare_data_writes_splits_and_truth(tmp_path):
     paths = prepare_data(CFG, tmp_path)
-    assert set(paths) == {"train", "valid", "truth"}
+    assert set(paths) == {"train", "valid", "truth", "cold"}
     assert len(pd.read_parquet(paths["train"])) + len(pd.read_parquet(paths["valid"])) == CFG.num_impressions
 
 

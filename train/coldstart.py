@@ -1,0 +1,122 @@
+"""Cold-start evaluation: users kept out of training entirely, ranked from their features alone.
+
+`data.cold_users` users leave both splits before the ETL (`train.data.remove_cold_users`), with
+every interaction. Here they are served as a new user is: their raw features go through the
+fitted user workflow (their id is unknown to it, so it gets the out-of-vocabulary code; values
+training never saw get it too) and the query tower. What they clicked is what each method must
+find, over the whole catalogue. The baselines are the most popular items, and the most popular
+within the user's own segment (`eval.segment`, say gender x age decade).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from common import contract
+from common.config import DataConfig, EvalConfig
+from common.errors import ConfigError
+from train import etl as etl_stage
+from train.evaluate import EvalSet, Scorer, build_eval_set, embedding_scorer, evaluate_methods, popularity_scorer
+
+LOG = logging.getLogger(__name__)
+
+MAX_SEGMENT_SCORES = 200_000_000  # segments x items held by the segment baseline
+
+
+@dataclass(frozen=True)
+class ColdUsers:
+    """The users kept out of training.
+
+    Attributes:
+        raw: one row per user, their raw user columns (from their latest interaction).
+        encoded: the same rows encoded by the fitted user workflow (the query tower's input).
+        data: what to find: every positive of theirs, by catalogue row; nothing is excluded.
+    """
+
+    raw: pd.DataFrame
+    encoded: pd.DataFrame
+    data: EvalSet
+
+
+def load_cold_users(cold_path: Path, etl_dir: Path, cfg: DataConfig) -> ColdUsers | None:
+    """Reads `cold.parquet` and encodes its users as the server would; None when there are none."""
+    import nvtabular as nvt
+
+    if not cold_path.is_file():
+        return None
+    cold = pd.read_parquet(cold_path)
+    if cold.empty:
+        return None
+    raw = cold.drop_duplicates(subset=[cfg.user_id], keep="last")[list(cfg.user_columns)]
+    raw = raw.sort_values(cfg.user_id).reset_index(drop=True)
+    workflow = etl_stage.user_workflow(nvt.Workflow.load(str(etl_dir / contract.ARTIFACT_WORKFLOW)), cfg)
+    encoded = workflow._transform_df(raw).reset_index(drop=True)[list(cfg.user_columns)]
+    catalogue = pd.read_parquet(etl_dir / etl_stage.ITEMS_RAW, columns=[cfg.item_id])[cfg.item_id].to_numpy()
+    positives = cold[cfg.is_positive(cold[cfg.label]).to_numpy()]
+    pos = np.searchsorted(catalogue, positives[cfg.item_id].to_numpy())
+    pos_c = np.minimum(pos, len(catalogue) - 1)
+    item_rows = np.where(catalogue[pos_c] == positives[cfg.item_id].to_numpy(), pos_c, -1)
+    user_rows = np.searchsorted(raw[cfg.user_id].to_numpy(), positives[cfg.user_id].to_numpy())
+    empty = np.zeros(0, dtype=np.int64)
+    data = build_eval_set(empty, empty, user_rows, item_rows, len(raw), len(catalogue))
+    return ColdUsers(raw, encoded, data)
+
+
+def _segment_keys(frame: pd.DataFrame, segment: tuple[str, ...]) -> pd.DataFrame:
+    keys = {}
+    for entry in segment:
+        name, _, width = entry.partition("/")
+        if name in frame.columns:
+            keys[entry] = frame[name].to_numpy() // int(width) if width else frame[name].to_numpy()
+    return pd.DataFrame(keys)
+
+
+def segment_popularity_scorer(train_counts: sp.csr_matrix, warm_raw: pd.DataFrame, cold_raw: pd.DataFrame,
+                              segment: tuple[str, ...]) -> Scorer:
+    """Ranks by training positives of the warm users in the cold user's segment (ties: overall popularity).
+
+    Args:
+        train_counts: [warm users, items] training positives, rows aligned with `warm_raw`.
+        warm_raw: the training users' raw features.
+        cold_raw: the cold users' raw features (rows are what the scorer is called with).
+        segment: `eval.segment`; users of a segment no training user is in get the overall ranking.
+    """
+    warm_keys, cold_keys = _segment_keys(warm_raw, segment), _segment_keys(cold_raw, segment)
+    overall = np.asarray(train_counts.sum(axis=0)).ravel().astype(np.float64)
+    tie_break = overall / (overall.max() + 1.0)  # < 1: only orders items of equal segment count
+    if warm_keys.shape[1] == 0:
+        return lambda rows: np.broadcast_to(overall, (len(rows), len(overall)))
+    both = pd.concat([warm_keys, cold_keys], ignore_index=True)
+    ids = both.groupby(list(both.columns), sort=False).ngroup().to_numpy()
+    warm_ids, cold_ids = ids[: len(warm_keys)], ids[len(warm_keys):]
+    n_segments = int(ids.max()) + 1
+    if n_segments * len(overall) > MAX_SEGMENT_SCORES:
+        raise ConfigError(f"eval.segment {list(segment)} makes {n_segments} segments: too many for a popularity table "
+                          f"over {len(overall)} items; bucket the feature (name/width) or pick coarser ones")
+    member = sp.csr_matrix((np.ones(len(warm_ids)), (warm_ids, np.arange(len(warm_ids)))), shape=(n_segments, len(warm_ids)))
+    per_segment = np.asarray((member @ train_counts).todense(), dtype=np.float64) + tie_break
+    has_members = np.bincount(warm_ids, minlength=n_segments) > 0
+    per_segment[~has_members] = overall
+    return lambda rows: per_segment[cold_ids[rows]]
+
+
+def cold_start_report(cold: ColdUsers, query_embeddings: list[np.ndarray], item_embeddings: list[np.ndarray],
+                      train_counts: sp.csr_matrix, warm_raw: pd.DataFrame, cfg: EvalConfig, ks: tuple[int, ...], seed: int) -> dict:
+    """The cold-start table: the two-tower model (one query embedding per seed) against the popularity baselines."""
+    scorers: dict[str, Scorer | list[Scorer]] = {
+        "two_tower": [embedding_scorer(q, i) for q, i in zip(query_embeddings, item_embeddings)],
+        "popular": popularity_scorer(train_counts),
+        "popular_in_segment": segment_popularity_scorer(train_counts, warm_raw, cold.raw, cfg.segment),
+    }
+    LOG.info("cold-start evaluation: %d users kept out of training, features only", cold.data.n_users)
+    report = evaluate_methods(scorers, cold.data, ks, bootstrap=cfg.bootstrap, confidence=cfg.confidence, seed=seed)
+    report.pop("recall_curves")
+    report["segment"] = list(cfg.segment)
+    report["history"] = "none: features only"
+    return report
