@@ -163,7 +163,12 @@ def test_missing_declared_column_is_a_clear_error(synthetic):
 def test_prepare_data_writes_splits_and_truth(tmp_path):
     paths = prepare_data(CFG, tmp_path)
     assert set(paths) == {"train", "valid", "truth", "cold"}
-    assert len(pd.read_parquet(paths["train"])) + len(pd.read_parquet(paths["valid"])) == CFG.num_impressions
+    parts = [pd.read_parquet(paths[name]) for name in ("train", "valid", "cold")]
+    assert sum(len(p) for p in parts) == CFG.num_impressions  # nothing lost
+    everyone = pd.concat(parts)
+    with_positive = everyone[everyone.click == 1].user_id.nunique()
+    assert parts[2].user_id.nunique() == with_positive // 5  # the default 200 is capped at a fifth
+    assert not set(parts[2].user_id) & (set(parts[0].user_id) | set(parts[1].user_id))
 
 
 @pytest.mark.parametrize("n, exponent", [(50, 0.7), (50, 1.0), (50, 0.0), (1000, 1.3)])
