@@ -1,4 +1,5 @@
-"""`make bench`: our ensemble, the Merlin reference, Triton's floor and the in-process path, side by side.
+"""`make bench`: our ensemble, the Merlin reference (stock, and given our index and batching), Triton's floor
+and the in-process path, side by side; above 1M items, our ensemble at 1M items too, for the scaling ratio.
 
     python -m bench --artifacts build/artifacts --work build/work --out build/bench --items 1000000
 """
@@ -15,9 +16,11 @@ from pathlib import Path
 import numpy as np
 
 from common.cli import run_cli
-from common.config import IndexConfig
+from common.config import IndexConfig, ServeConfig
 
 LOG = logging.getLogger(__name__)
+
+BASELINE_ITEMS = 1_000_000  # the catalogue the scaling ratio and the reference rows are measured at
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -28,7 +31,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--items", type=int, default=1_000_000, help="catalogue size to serve")
     parser.add_argument("--concurrency", default="1,2,4,8,16", help="comma-separated perf_analyzer concurrencies")
     parser.add_argument("--measurement-ms", type=int, default=3000, help="perf_analyzer measurement window")
-    parser.add_argument("--index-kinds", default="flat,ivf,hnsw", help="index kinds to compare (empty: skip)")
+    parser.add_argument("--index-kinds", default="flat,ivf,ivf_sq,hnsw",
+                        help="index kinds to compare (empty: skip); kinds too slow to build at the size are skipped")
+    parser.add_argument("--baseline-items", type=int, default=BASELINE_ITEMS,
+                        help="catalogue of the reference rows and of the scaling ratio (ours runs at both sizes when --items is larger)")
+    parser.add_argument("--recall-queries", type=int, default=300, help="user queries for recall@10 against exact search")
     parser.add_argument("--tools", type=Path, default=Path(".tools/perf_analyzer"), help="where perf_analyzer is unpacked")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
@@ -46,40 +53,61 @@ def main(argv=None) -> int:
     manifest = read_manifest(args.artifacts)
     cfg = artifacts_config(manifest)
 
+    index_cfg = IndexConfig(recall_sample=args.recall_queries)
+    baseline_items = min(args.items, args.baseline_items)
     scaled = out / "artifacts_scaled"
-    catalogue = scale.scale_artifacts(args.artifacts, args.work, scaled, args.items, IndexConfig(), seed=args.seed)
+    catalogue = scale.scale_artifacts(args.artifacts, args.work, scaled, args.items, index_cfg, seed=args.seed)
+    exact = catalogue.pop("exact_top10")
+    # The stock reference rows run at the baseline size: stock setup_faiss over 10M vectors needs about
+    # 9 GB to build and its IVF32 scans 2.5M vectors a query. Ours runs at both sizes for the ratio.
+    baseline = scaled
+    if args.items > baseline_items:
+        baseline = out / "artifacts_baseline"
+        catalogue["baseline"] = scale.scale_artifacts(args.artifacts, args.work, baseline, baseline_items, index_cfg, seed=args.seed)
+        catalogue["baseline"].pop("exact_top10")
     kinds = tuple(k for k in args.index_kinds.split(",") if k)
     index_rows = []
     if kinds:
         vectors = np.load(scaled / "item_embeddings.npy")
-        queries = scale.user_queries(args.artifacts, args.work, 500, args.seed)
-        index_rows = indexes.compare_indexes(vectors, queries, kinds)
+        queries = scale.user_queries(args.artifacts, args.work, args.recall_queries, args.seed)
+        index_rows = indexes.compare_indexes(vectors, queries, kinds, served=(scaled / "items.faiss", catalogue["index"]), exact=exact)
         del vectors
 
-    repos = {name: out / f"repo_{name}" for name in ("ours", "reference", "trivial")}
+    names = ("ours", "ours_baseline", "reference", "reference_our_index", "reference_our_index_batched", "trivial")
+    repos = {name: out / f"repo_{name}" for name in names}
     for path in repos.values():
         shutil.rmtree(path, ignore_errors=True)
     build_repository(scaled, repos["ours"])
-    reference.build_reference_repository(scaled, repos["reference"], out / "reference_scratch", cfg.data)
+    if baseline != scaled:
+        build_repository(baseline, repos["ours_baseline"])
+    scratch = out / "reference_scratch"
+    reference.build_reference_repository(baseline, repos["reference"], scratch, cfg.data)
+    reference.build_reference_repository(baseline, repos["reference_our_index"], scratch, cfg.data, index_path=baseline / "items.faiss")
+    reference.build_reference_repository(baseline, repos["reference_our_index_batched"], scratch, cfg.data,
+                                         index_path=baseline / "items.faiss", max_batch_size=ServeConfig().max_batch_size)
     trivial.build_trivial_repository(repos["trivial"])
 
     n_rows = 1000
     ours_rows, ours_shapes = systems.our_inputs(args.artifacts, n_rows, args.seed)
     ref_rows, ref_shapes = systems.reference_inputs(args.artifacts, n_rows, args.seed)
-    results = {
-        "trivial": systems.sweep_server("trivial", repos["trivial"], trivial.MODEL, ours_rows, ours_shapes, concurrencies,
-                                        args.tools, out / "perf", args.measurement_ms),
-        "ours": systems.sweep_server("ours", repos["ours"], "retrieval", ours_rows, ours_shapes, concurrencies,
-                                     args.tools, out / "perf", args.measurement_ms),
-        "reference": systems.sweep_server("reference", repos["reference"], reference.MODEL, ref_rows, ref_shapes, concurrencies,
-                                          args.tools, out / "perf", args.measurement_ms),
-        "in_process": systems.in_process(repos["ours"], args.artifacts, 3000, args.seed),
-    }
+    perf = out / "perf"
+
+    def sweep(name: str, model: str, rows, shapes) -> dict:
+        return systems.sweep_server(name, repos[name], model, rows, shapes, concurrencies, args.tools, perf, args.measurement_ms)
+
+    results = {"trivial": sweep("trivial", trivial.MODEL, ours_rows, ours_shapes),
+               "ours": sweep("ours", "retrieval", ours_rows, ours_shapes)}
+    if baseline != scaled:
+        results["ours_baseline"] = sweep("ours_baseline", "retrieval", ours_rows, ours_shapes)
+    for name in ("reference", "reference_our_index", "reference_our_index_batched"):
+        results[name] = sweep(name, reference.MODEL, ref_rows, ref_shapes)
+    results["in_process"] = systems.in_process(repos["ours"], args.artifacts, 3000, args.seed)
     training = {"ours": train_speed.ours_from_manifest(manifest), "seed": train_speed.seed_fit_examples_per_s(args.work / "etl")}
     full = {
         "machine": f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}, Python {platform.python_version()}",
         "catalogue": catalogue, "indexes": index_rows, "systems": results, "training": training,
-        "settings": {"concurrency": concurrencies, "measurement_ms": args.measurement_ms, "items": args.items},
+        "settings": {"concurrency": concurrencies, "measurement_ms": args.measurement_ms, "items": args.items,
+                     "baseline_items": baseline_items},
     }
     paths = report.save(full, out)
     print(paths["md"].read_text())

@@ -5,23 +5,35 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from pathlib import Path
 
 import faiss
 import numpy as np
 
 from common.config import IndexConfig
-from ensemble.ops.search import NO_BLAS_BELOW
+from ensemble.ops.search import NO_BLAS_BELOW, ivf_of
 from train.index import build_index, exact_top_k, factory_string
 
 LOG = logging.getLogger(__name__)
 
+# Build and search settings come from IndexConfig's defaults (efConstruction 200 as served); only
+# the probe widths vary. Flat, IVF-Flat and HNSW are skipped above SLOW_KIND_MAX_ITEMS: at 10M
+# items Flat answers in about 200 ms a query, IVF-Flat and HNSW hold 2.6 and 5 GB, and HNSW32
+# takes over half an hour to build on 2 cores.
+SLOW_KIND_MAX_ITEMS = 2_000_000
 CANDIDATES = (
     IndexConfig(kind="flat"),
-    IndexConfig(kind="ivf", nlist=1024, nprobe=8),
-    IndexConfig(kind="ivf", nlist=1024, nprobe=16),
-    IndexConfig(kind="ivf", nlist=1024, nprobe=32),
-    IndexConfig(kind="hnsw", hnsw_m=32, ef_construction=80, ef_search=64),
-    IndexConfig(kind="hnsw", hnsw_m=32, ef_construction=80, ef_search=128),
+    IndexConfig(kind="ivf", nprobe=8),
+    IndexConfig(kind="ivf", nprobe=16),
+    IndexConfig(kind="ivf", nprobe=32),
+    IndexConfig(kind="ivf_sq", sq_nprobe=16),
+    IndexConfig(kind="ivf_sq", sq_nprobe=32),
+    IndexConfig(kind="ivf_sq", sq_nprobe=64),
+    IndexConfig(kind="ivf_pq", pq_nprobe=32),
+    IndexConfig(kind="ivf_pq", pq_nprobe=64),
+    IndexConfig(kind="ivf_pq", pq_nprobe=128),
+    IndexConfig(kind="hnsw", ef_search=64),
+    IndexConfig(kind="hnsw", ef_search=128),
 )
 
 
@@ -35,36 +47,61 @@ def _single_query_ms(index: faiss.Index, queries: np.ndarray, k: int = 10) -> fl
     return float(np.percentile(times, 50) * 1000)
 
 
-def compare_indexes(vectors: np.ndarray, queries: np.ndarray, kinds: tuple[str, ...], n_latency: int = 200) -> list[dict]:
-    """Builds each candidate whose kind is in `kinds` (same build for same structure) and measures it."""
+def candidates(kinds: tuple[str, ...], n_items: int) -> list[IndexConfig]:
+    """The candidate settings of the asked kinds that are worth building at n_items."""
+    chosen = [c for c in CANDIDATES if c.kind in kinds and (c.kind in ("ivf_sq", "ivf_pq") or n_items <= SLOW_KIND_MAX_ITEMS)]
+    skipped = sorted({c.kind for c in CANDIDATES if c.kind in kinds} - {c.kind for c in chosen})
+    if skipped:
+        LOG.info("index choices: %s skipped at %d items (over %d)", ", ".join(skipped), n_items, SLOW_KIND_MAX_ITEMS)
+    return chosen
+
+
+def compare_indexes(vectors: np.ndarray, queries: np.ndarray, kinds: tuple[str, ...], n_latency: int = 200,
+                    served: tuple[Path, dict] | None = None, exact: np.ndarray | None = None) -> list[dict]:
+    """Builds each candidate whose kind is in `kinds` (same build for same structure) and measures it.
+
+    Args:
+        vectors: [n_items, dim] the catalogue.
+        queries: [n, dim] user queries.
+        served: (index file, its IndexReport as a dict): the served index, reused for the
+            candidates of the same structure instead of being built again.
+        exact: [n, 10] exact_top_k of the queries, when known (10M items: minutes to recompute).
+    """
     faiss.cvar.distance_compute_blas_threshold = NO_BLAS_BELOW
-    exact = exact_top_k(queries, vectors, 10)
+    started = time.perf_counter()
+    exact = exact_top_k(queries, vectors, 10) if exact is None else exact
+    LOG.info("index choices: exact top-10 of %d queries over %d items in %.1f s", len(queries), len(vectors), time.perf_counter() - started)
     built: dict[str, tuple[faiss.Index, float]] = {}
+    if served is not None:
+        built[served[1]["factory"]] = (faiss.read_index(str(served[0])), served[1]["build_s"])
     rows = []
-    for cfg in CANDIDATES:
-        if cfg.kind not in kinds:
-            continue
+    for cfg in candidates(kinds, len(vectors)):
         factory = factory_string(cfg, len(vectors))
         if factory not in built:
             faiss.omp_set_num_threads(2)
             started = time.perf_counter()
             built[factory] = (build_index(vectors, dataclasses.replace(cfg, min_recall_at_10=0.0)), time.perf_counter() - started)
-            LOG.info("built %s over %d vectors in %.1f s", factory, len(vectors), built[factory][1])
+            LOG.info("index choices: built %s over %d vectors in %.1f s", factory, len(vectors), built[factory][1])
         index, build_s = built[factory]
-        if cfg.kind == "ivf":
-            faiss.extract_index_ivf(index).nprobe = cfg.nprobe
+        nprobe = {"ivf": cfg.nprobe, "ivf_sq": cfg.sq_nprobe, "ivf_pq": cfg.pq_nprobe}.get(cfg.kind)
+        if nprobe is not None:
+            ivf_of(index).nprobe = nprobe
+        if isinstance(index, faiss.IndexRefine):
+            index.k_factor = cfg.refine_k_factor
         if cfg.kind == "hnsw":
             index.hnsw.efSearch = cfg.ef_search
         faiss.omp_set_num_threads(2)
         _, found = index.search(queries, 10)
         recall = float(np.mean([len(np.intersect1d(f, e)) for f, e in zip(found, exact)]) / 10)
         row = {
-            "kind": cfg.kind, "factory": factory, "nprobe": cfg.nprobe if cfg.kind == "ivf" else None,
+            "kind": cfg.kind, "factory": factory, "nprobe": nprobe,
+            "k_factor": cfg.refine_k_factor if isinstance(index, faiss.IndexRefine) else None,
+            "ef_construction": cfg.ef_construction if cfg.kind == "hnsw" else None,
             "ef_search": cfg.ef_search if cfg.kind == "hnsw" else None, "build_s": build_s,
             "memory_mb": faiss.serialize_index(index).size / 2**20, "recall_at_10": recall,
             "p50_ms_one_query": _single_query_ms(index, queries[:n_latency]),
         }
-        LOG.info("%-14s nprobe=%s ef=%s recall@10 %.4f, %.3f ms per query, %.0f MB", factory, row["nprobe"], row["ef_search"],
-                 recall, row["p50_ms_one_query"], row["memory_mb"])
+        LOG.info("index choices: %-14s nprobe=%s ef=%s recall@10 %.4f, %.3f ms per query, %.0f MB", factory, row["nprobe"],
+                 row["ef_search"], recall, row["p50_ms_one_query"], row["memory_mb"])
         rows.append(row)
     return rows

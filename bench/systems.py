@@ -11,12 +11,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from client.perf import ensure_perf_analyzer, run_perf, write_input_data
+from client.perf import _Unstable, ensure_perf_analyzer, run_perf, write_input_data
 from client.soak import memory_mb
 from common import contract
 from common.config import ServeConfig
 
 LOG = logging.getLogger(__name__)
+
+UNSTABLE_BAND_PERCENT = 300  # the last try's stability band, after perf_analyzer's 30% and 100% failed
 
 
 def model_stats(http_url: str) -> dict[str, dict]:
@@ -51,9 +53,22 @@ def sweep_server(name: str, repository: Path, model: str, input_rows: list[dict]
         memory_idle = memory_mb(server.process.pid)
         sweep = []
         for c in concurrencies:
-            result = run_perf(binary, env, model, server.grpc_url, c, inputs, measurement_ms=measurement_ms, batch_size=batch_size)
-            LOG.info("%-10s c=%-2d %8.1f infer/s  p50 %.2f ms  p99 %.2f ms", name, c, result.throughput, result.p50_ms, result.p99_ms)
-            sweep.append(result.as_dict())
+            unstable = False
+            try:
+                result = run_perf(binary, env, model, server.grpc_url, c, inputs, measurement_ms=measurement_ms, batch_size=batch_size)
+            except _Unstable:
+                # The shared machine can swing more than 2x between windows (load 10 on 2 cores seen):
+                # one more try over 10 windows that accepts that spread, flagged in the report.
+                unstable = True
+                try:
+                    result = run_perf(binary, env, model, server.grpc_url, c, inputs, measurement_ms=2 * measurement_ms,
+                                      batch_size=batch_size, max_trials=10, stability=UNSTABLE_BAND_PERCENT)
+                except _Unstable:
+                    LOG.warning("%-10s c=%-2d no window within %d%% of the others; left out", name, c, UNSTABLE_BAND_PERCENT)
+                    continue
+            LOG.info("%-10s c=%-2d %8.1f infer/s  p50 %.2f ms  p99 %.2f ms%s", name, c, result.throughput, result.p50_ms, result.p99_ms,
+                     " (unstable: windows differed by over 2x)" if unstable else "")
+            sweep.append({**result.as_dict(), "unstable": unstable})
         memory = memory_mb(server.process.pid)
         stats = model_stats(server.http_url)
     return {"sweep": sweep, "memory_mb": memory, "memory_idle_mb": memory_idle, "ready_s": ready_s, "stats": stats}

@@ -10,7 +10,8 @@ import faiss
 import numpy as np
 
 from common.config import IndexConfig
-from common.errors import IndexQualityError
+from common.errors import ConfigError, IndexQualityError
+from ensemble.ops.search import ivf_of
 
 LOG = logging.getLogger(__name__)
 
@@ -20,10 +21,10 @@ class IndexReport:
     """How an index was built and how well it answers.
 
     Attributes:
-        kind: flat, ivf, ivf_sq or hnsw.
+        kind: flat, ivf, ivf_sq, ivf_pq or hnsw.
         factory: the FAISS index_factory string.
         build_s: seconds to train and fill the index.
-        search_params: nprobe / ef_search the index is served with.
+        search_params: nprobe / k_factor / ef_search the index is served with.
         bytes: size of the serialized index.
         recall_at_10: mean share of the exact top-10 that the index returns, over sample queries.
         n_items: vectors in the index.
@@ -49,12 +50,17 @@ def factory_string(cfg: IndexConfig, n_items: int) -> str:
         return f"IVF{ivf_cells(cfg, n_items)},Flat"
     if kind == "ivf_sq":
         return f"IVF{ivf_cells(cfg, n_items)},{cfg.sq_type}"
+    if kind == "ivf_pq":
+        # Refine(...) is FAISS 1.8's factory syntax; the IndexRefine it writes also reads and
+        # searches on 1.7.2 (the Merlin container's), where ensemble.ops.search opens it.
+        refine = "" if cfg.refine == "none" else f",Refine({cfg.refine})"
+        return f"IVF{ivf_cells(cfg, n_items)},PQ{cfg.pq_m}x4fs{refine}"
     return f"HNSW{cfg.hnsw_m},Flat"
 
 
 def ivf_cells(cfg: IndexConfig, n_items: int) -> int:
     # k-means wants about 39 points per centroid; fewer gives FAISS warnings and poor cells.
-    nlist = cfg.sq_nlist if cfg.resolved_kind(n_items) == "ivf_sq" else cfg.nlist
+    nlist = {"ivf_sq": cfg.sq_nlist, "ivf_pq": cfg.pq_nlist}.get(cfg.resolved_kind(n_items), cfg.nlist)
     return max(1, min(nlist, n_items // 39))
 
 
@@ -76,10 +82,12 @@ def build_index(vectors: np.ndarray, cfg: IndexConfig) -> faiss.Index:
         vectors: [n_items, dim] float32 item embeddings.
     """
     n, dim = vectors.shape
+    if cfg.resolved_kind(n) == "ivf_pq" and dim % cfg.pq_m:
+        raise ConfigError(f"index.pq_m={cfg.pq_m} must divide the embedding size {dim}")
     index = faiss.index_factory(dim, factory_string(cfg, n), faiss.METRIC_INNER_PRODUCT)
     if isinstance(index, faiss.IndexHNSW):
         index.hnsw.efConstruction = cfg.ef_construction
-    ivf = faiss.try_extract_index_ivf(index)
+    ivf = ivf_of(index)
     if not index.is_trained:
         sample = vectors if ivf is None else training_sample(vectors, ivf.nlist, cfg.train_points_per_cell)
         started = time.perf_counter()
@@ -94,20 +102,27 @@ def build_index(vectors: np.ndarray, cfg: IndexConfig) -> faiss.Index:
 
 def search_params(index: faiss.Index) -> dict:
     """The index's search-time knobs, to set again after loading (FAISS does not keep efSearch)."""
-    ivf = faiss.try_extract_index_ivf(index)
+    ivf = ivf_of(index)
+    params = {}
     if ivf is not None:
-        return {"nprobe": int(ivf.nprobe)}
+        params["nprobe"] = int(ivf.nprobe)
+    if isinstance(index, faiss.IndexRefine):
+        params["k_factor"] = float(index.k_factor)
     if isinstance(index, faiss.IndexHNSW):
-        return {"ef_search": int(index.hnsw.efSearch)}
-    return {}
+        params["ef_search"] = int(index.hnsw.efSearch)
+    return params
 
 
 def configure_search(index: faiss.Index, cfg: IndexConfig) -> None:
-    """Sets the configured nprobe / efSearch on a built index."""
-    ivf = faiss.try_extract_index_ivf(index)
+    """Sets the configured nprobe / k_factor / efSearch on a built index."""
+    ivf = ivf_of(index)
     if ivf is not None:
-        nprobe = cfg.sq_nprobe if isinstance(ivf, faiss.IndexIVFScalarQuantizer) else cfg.nprobe
+        coded = faiss.downcast_index(ivf)
+        nprobe = (cfg.sq_nprobe if isinstance(coded, faiss.IndexIVFScalarQuantizer)
+                  else cfg.pq_nprobe if isinstance(coded, faiss.IndexIVFPQFastScan) else cfg.nprobe)
         ivf.nprobe = min(nprobe, ivf.nlist)
+    if isinstance(index, faiss.IndexRefine):
+        index.k_factor = cfg.refine_k_factor
     if isinstance(index, faiss.IndexHNSW):
         index.hnsw.efSearch = cfg.ef_search
 
@@ -145,12 +160,14 @@ def recall_against_exact(index: faiss.Index, queries: np.ndarray, vectors: np.nd
     return float(np.mean(hits) / k)
 
 
-def build_checked_index(vectors: np.ndarray, queries: np.ndarray, cfg: IndexConfig) -> tuple[faiss.Index, IndexReport]:
+def build_checked_index(vectors: np.ndarray, queries: np.ndarray, cfg: IndexConfig,
+                        exact: np.ndarray | None = None) -> tuple[faiss.Index, IndexReport]:
     """Builds the configured index, measures its recall@10 and fails below the floor.
 
     Args:
         vectors: [n_items, dim] item embeddings.
         queries: [n, dim] realistic queries (user embeddings) to measure recall with.
+        exact: [n, >=10] exact_top_k of those queries, when the caller has it already.
 
     Raises:
         IndexQualityError: recall@10 against exact search is below cfg.min_recall_at_10.
@@ -160,10 +177,10 @@ def build_checked_index(vectors: np.ndarray, queries: np.ndarray, cfg: IndexConf
     build_s = time.perf_counter() - started
     sample = queries[: cfg.recall_sample]
     started = time.perf_counter()
-    exact = exact_top_k(sample, vectors, 10)
+    exact = exact_top_k(sample, vectors, 10) if exact is None else exact[: len(sample)]
     LOG.info("index: exact top-10 of %d queries over %d items in %.1f s", len(sample), len(vectors), time.perf_counter() - started)
     recall = recall_against_exact(index, sample, vectors, 10, exact)
-    ivf = faiss.try_extract_index_ivf(index)
+    ivf = ivf_of(index)
     # kind="auto" widens the probe until the floor is met; an explicit setting is kept (and checked).
     while cfg.kind == "auto" and ivf is not None and recall < cfg.min_recall_at_10 and ivf.nprobe < ivf.nlist:
         ivf.nprobe = min(ivf.nlist, 2 * ivf.nprobe)

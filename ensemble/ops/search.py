@@ -54,6 +54,22 @@ SEARCH_PARAMETERS = hasattr(faiss, "SearchParametersIVF")
 INDEX_DEVICES = ("cpu", "gpu", "auto")
 
 
+def ivf_of(index: faiss.Index):
+    """The IVF index inside `index` (under an IndexRefine too), or None.
+
+    FAISS 1.7.2's extract_index_ivf does not look inside IndexRefine, so the refine wrapper is
+    opened here; the same index file then serves on 1.7.2 and 1.8.
+    """
+    if isinstance(index, faiss.IndexRefine):
+        index = faiss.downcast_index(index.base_index)
+    if hasattr(faiss, "try_extract_index_ivf"):
+        return faiss.try_extract_index_ivf(index)
+    try:
+        return faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return None
+
+
 def gpu_count() -> int:
     """GPUs this FAISS build can use (0 for a CPU-only build)."""
     return faiss.get_num_gpus() if hasattr(faiss, "StandardGpuResources") else 0
@@ -71,8 +87,8 @@ def place_index(index: faiss.Index, device: str) -> tuple[faiss.Index, bool]:
         return index, False
     if gpu_count() < 1:
         raise ConfigError(f"index_device=gpu, but FAISS {faiss.__version__} sees no GPU (a CPU-only build, or no device visible)")
-    if isinstance(index, faiss.IndexHNSW):
-        LOG.warning("index_device=%s: FAISS has no GPU HNSW; the index stays on CPU", device)
+    if isinstance(index, (faiss.IndexHNSW, faiss.IndexRefine)):
+        LOG.warning("index_device=%s: FAISS has no GPU %s; the index stays on CPU", device, type(index).__name__)
         return index, False
     LOG.info("moving the FAISS index (%d vectors) to GPU 0", index.ntotal)
     return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index), True
@@ -129,7 +145,9 @@ class SearchItems(ArrayOperator, BaseOperator):
         except RuntimeError as e:  # FAISS raises RuntimeError with a C++ message and no file name
             raise ArtifactError(f"{where(self.index_path)} is not a readable FAISS index: {str(e).splitlines()[0]}") from None
         if "nprobe" in self.search_params:
-            faiss.extract_index_ivf(index).nprobe = int(self.search_params["nprobe"])
+            ivf_of(index).nprobe = int(self.search_params["nprobe"])
+        if "k_factor" in self.search_params:
+            index.k_factor = float(self.search_params["k_factor"])
         if "ef_search" in self.search_params:
             index.hnsw.efSearch = int(self.search_params["ef_search"])
         self._cpu_index = index
@@ -152,8 +170,10 @@ class SearchItems(ArrayOperator, BaseOperator):
 
     def describe(self) -> str:
         """Index, device and how search settings are passed (for the load log)."""
-        ivf = faiss.try_extract_index_ivf(self._cpu_index) if hasattr(faiss, "try_extract_index_ivf") else None
+        ivf = ivf_of(self._cpu_index)
         kind = f"IVF{ivf.nlist} nprobe {ivf.nprobe}" if ivf is not None else type(self._cpu_index).__name__
+        if isinstance(self._cpu_index, faiss.IndexRefine):
+            kind += f", re-ranked by {type(faiss.downcast_index(self._cpu_index.refine_index)).__name__} (k_factor {self._cpu_index.k_factor:g})"
         device = f"GPU 0 (searches deeper than {GPU_MAX_SELECTION_K} on CPU)" if self._device_max_k else "CPU"
         params = "per-call SearchParameters" if SEARCH_PARAMETERS else "no SearchParameters (FAISS < 1.7.3): wider probes set on the index"
         return f"FAISS {faiss.__version__}, {self.n_items} items, {kind} on {device}, {params}"
@@ -259,10 +279,12 @@ class SearchItems(ArrayOperator, BaseOperator):
         index = self._cpu_index if (deep or widen > 1) else self._index
         if widen == 1:
             return index.search(queries, depth)
-        ivf = faiss.try_extract_index_ivf(index) if hasattr(faiss, "try_extract_index_ivf") else None
+        ivf = ivf_of(index)
         if ivf is not None:
             owner, attr, value = ivf, "nprobe", min(ivf.nlist, ivf.nprobe * widen)
-            params = faiss.SearchParametersIVF(nprobe=value) if SEARCH_PARAMETERS else None
+            # IndexRefine takes only its own parameter type; the probe is set on its IVF instead.
+            refine = isinstance(index, faiss.IndexRefine)
+            params = faiss.SearchParametersIVF(nprobe=value) if SEARCH_PARAMETERS and not refine else None
         elif isinstance(index, faiss.IndexHNSW):
             owner, attr, value = index.hnsw, "efSearch", index.hnsw.efSearch * widen
             params = faiss.SearchParametersHNSW(efSearch=value) if SEARCH_PARAMETERS else None
@@ -270,7 +292,7 @@ class SearchItems(ArrayOperator, BaseOperator):
             return index.search(queries, depth)
         if params is not None:
             return index.search(queries, depth, params=params)
-        # FAISS < 1.7.3: set the wider probe on the index for this call and put it back. A model
+        # FAISS < 1.7.3, or an IndexRefine: set the wider probe on the index for this call and put it back. A model
         # instance runs one batch at a time, so no other search sees the change.
         before = getattr(owner, attr)
         setattr(owner, attr, value)

@@ -8,20 +8,39 @@ import tritonclient.grpc.model_config_pb2 as mc
 from google.protobuf import text_format
 
 from bench.report import markdown, summarize
-from bench.scale import scale_artifacts, synthetic_catalogue
+from bench.scale import neighbour_cosines, scale_artifacts, synthetic_catalogue
 from common import contract
 from common.config import IndexConfig
 from common.manifest import read_manifest
 
 
+def _clustered(n: int, dim: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(4, dim))
+    v = centres[rng.integers(0, 4, n)] + 0.4 * rng.normal(size=(n, dim))
+    return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
+
+
 def test_synthetic_catalogue_keeps_the_trained_rows_first():
-    real = np.eye(4, 8, dtype=np.float32)
-    vectors, source = synthetic_catalogue(real, 50, noise=0.6, seed=0)
-    assert vectors.shape == (50, 8) and len(source) == 46
-    np.testing.assert_array_equal(vectors[:4], real)
+    real = _clustered(400, 16, 0)
+    vectors, source = synthetic_catalogue(real, 5000, seed=0)
+    assert vectors.shape == (5000, 16) and len(source) == 4600 and source.max() < 400
+    np.testing.assert_array_equal(vectors[:400], real)
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
-    cos = np.einsum("nd,nd->n", vectors[4:], real[source])
-    assert 0.7 < cos.mean() < 0.95  # near their source, not copies of it
+    again, _ = synthetic_catalogue(real, 5000, seed=0)
+    np.testing.assert_array_equal(again, vectors)  # seeded
+
+
+def test_synthetic_vectors_look_like_trained_ones_not_copies():
+    real = _clustered(400, 16, 1)
+    vectors, source = synthetic_catalogue(real, 4400, seed=1)
+    check = neighbour_cosines(real, vectors[400:], 400, seed=0)
+    trained, synthetic = check["trained"], check["synthetic"]
+    # the spread: top covariance eigenvalues within 25% of the trained ones
+    np.testing.assert_allclose(synthetic["top_eigenvalues"], trained["top_eigenvalues"], rtol=0.25)
+    # neighbours as near as the trained ones' (median within 0.05), not near-copies of a source
+    assert abs(synthetic["nn_cosine_p5_p50_p95"][1] - trained["nn_cosine_p5_p50_p95"][1]) < 0.05
+    assert np.einsum("nd,nd->n", vectors[400:], real[source]).mean() < 0.95
 
 
 def test_scaled_artifacts_pass_the_manifest_checks(trained, tmp_path):
@@ -43,28 +62,90 @@ def test_reference_repository_is_the_stock_layout(trained, tmp_path):
     assert {i.name for i in config.input} == set(trained["cfg"].data.user_columns)
 
 
+def test_dynamic_batching_rewrites_the_stock_entry_config(tmp_path):
+    from bench.reference import with_dynamic_batching
+
+    path = tmp_path / "config.pbtxt"
+    path.write_text('name: "executor_model"\nbackend: "python"\ninput { name: "user_id" data_type: TYPE_INT32 dims: -1 }\n'
+                    'output { name: "candidate_ids" data_type: TYPE_INT32 dims: -1 dims: 10 }\n')
+    with_dynamic_batching(path, 256)
+    config = text_format.Parse(path.read_text(), mc.ModelConfig())
+    assert config.max_batch_size == 256 and config.HasField("dynamic_batching")
+    assert config.dynamic_batching.max_queue_delay_microseconds == 0
+    assert list(config.input[0].dims) == [1] and config.input[0].HasField("reshape") and list(config.input[0].reshape.shape) == []
+    assert list(config.output[0].dims) == [10]
+
+
 def _sweep(c_throughput):
     return [{"concurrency": c, "throughput": t, "p50_ms": 1000.0 / t, "p95_ms": 0, "p99_ms": 0, "server_queue_ms": 0,
              "server_compute_ms": 0} for c, t in c_throughput]
 
 
-def test_report_ratios_and_targets():
-    report = {
+def _system(c_throughput, total_mb=40.0):
+    return {"sweep": _sweep(c_throughput), "memory_mb": {"tritonserver": 40, "stub_1": total_mb - 40, "total": total_mb}, "stats": {}}
+
+
+def _report(items=10_000_000, ours_mb=2000.0, recall=0.96):
+    index = {"dim": 4, "factory": "IVF4096,SQ8", "search_params": {"nprobe": 32}, "recall_at_10": recall, "build_s": 1.0, "bytes": 2**20}
+    return {
         "machine": "test", "indexes": [],
-        "catalogue": {"real_items": 10, "synthetic_items": 90, "noise": 0.6,
-                      "index": {"dim": 4, "factory": "Flat", "search_params": {}, "recall_at_10": 1.0}},
+        "settings": {"concurrency": [1, 8], "measurement_ms": 1000, "items": items, "baseline_items": 1_000_000},
+        "catalogue": {"real_items": 10, "synthetic_items": items - 10, "generator": {"components": 8}, "index": index,
+                      "baseline": {"real_items": 10, "synthetic_items": 999_990, "generator": {"components": 8}, "index": index}},
         "systems": {
-            "ours": {"sweep": _sweep([(1, 1000.0), (8, 3000.0)]), "memory_mb": {"tritonserver": 40, "stub_1": 600, "total": 640}, "stats": {}},
-            "reference": {"sweep": _sweep([(1, 30.0), (8, 100.0)]), "memory_mb": {"tritonserver": 40, "total": 40}, "stats": {}},
-            "trivial": {"sweep": _sweep([(1, 2000.0), (8, 6000.0)]), "memory_mb": {"tritonserver": 40, "total": 40}, "stats": {}},
-            "in_process": {"throughput": 3000.0, "p50_ms": 0.3, "p95_ms": 0.4, "p99_ms": 0.5, "stage_ms": {}},
+            "ours": _system([(1, 500.0), (8, 2500.0)], ours_mb),  # p50 2.0 ms at c=1
+            "ours_baseline": _system([(1, 625.0), (8, 3000.0)], 900.0),  # p50 1.6 ms at c=1
+            "reference": _system([(1, 25.0), (8, 100.0)]),
+            "reference_our_index": _system([(1, 40.0), (8, 50.0)]),
+            "reference_our_index_batched": _system([(1, 40.0), (8, 200.0)]),
+            "trivial": _system([(1, 1000.0), (8, 5000.0)]),  # p50 1.0 ms at c=1
+            "in_process": {"throughput": 3000.0, "p50_ms": 0.6, "p95_ms": 0.4, "p99_ms": 0.5, "stage_ms": {}},
         },
         "training": {"ours": {"etl_rows_per_s": 1.0, "examples_per_s": 2.0, "batch_size": 1}, "seed": {"examples_per_s": 1.0, "batch_size": 4}},
     }
-    s = summarize(report)
-    assert s["ratios"][8]["throughput_vs_reference"] == pytest.approx(30.0)  # 3000 / 100
-    assert s["ratios"][1]["p50_minus_trivial_ms"] == pytest.approx(1.0 - 0.5)  # 1000/1000 - 1000/2000
-    assert all(t["met"] for t in s["targets"].values())
-    report["summary"] = s
-    assert "| 8 | 30.0x |" in markdown(report)
+
+
+def test_report_targets_are_ratios_within_the_run():
+    s = summarize(_report())
+    t = s["targets"]
+    floor = t["p50 at c=1 <= 1.25 x (trivial p50 + in-process p50)"]
+    assert floor["value"] == pytest.approx(2.0 / (1.0 + 0.6)) and floor["met"]  # 1.25 <= 1.25
+    share = t["throughput at c=8 >= 40% of the trivial model's"]
+    assert share["value"] == pytest.approx(2500 / 5000) and share["met"]
+    assert t["throughput at c=8 >= 20x the stock reference's"]["value"] == pytest.approx(25.0)  # 2500 / 100
+    scaling = t["p50 at c=1, 10,000,000 items <= 1.5 x at 1,000,000 items"]
+    assert scaling["value"] == pytest.approx(2.0 / 1.6) and scaling["met"]
+    assert t["served index recall@10 vs exact >= 0.95"]["met"] and t["server + stubs < 3 GB (MB)"]["met"]
+    assert s["ratios"][1]["p50_minus_trivial_ms"] == pytest.approx(2.0 - 1.0)
+
+
+def test_report_targets_fail_when_missed():
+    report = _report(ours_mb=3072.0, recall=0.94)
+    report["systems"]["ours"]["sweep"] = _sweep([(1, 400.0), (8, 1500.0)])  # p50 2.5 ms
+    t = summarize(report)["targets"]
+    assert t["p50 at c=1 <= 1.25 x (trivial p50 + in-process p50)"]["value"] == pytest.approx(2.5 / 1.6)
+    assert t["throughput at c=8 >= 40% of the trivial model's"]["value"] == pytest.approx(0.3)
+    assert t["p50 at c=1, 10,000,000 items <= 1.5 x at 1,000,000 items"]["value"] == pytest.approx(2.5 / 1.6)
+    assert not any(v["met"] for k, v in t.items() if "reference" not in k)  # 3072 MB is not under 3 GB
+
+
+def test_report_scaling_is_not_measured_without_a_baseline_sweep():
+    report = _report(items=1_000_000)
+    report["settings"]["baseline_items"] = 1_000_000
+    del report["systems"]["ours_baseline"], report["catalogue"]["baseline"]
+    t = summarize(report)["targets"]["p50 at c=1, 1,000,000 items <= 1.5 x at 1,000,000 items"]
+    assert t["value"] is None and not t["met"]
+
+
+def test_report_attributes_the_gain_step_by_step():
+    report = _report()
+    report["summary"] = s = summarize(report)
+    at8 = [r for r in s["attribution"] if r["concurrency"] == 8]
+    assert [r["system"] for r in at8] == ["reference", "reference_our_index", "reference_our_index_batched", "ours_baseline"]
+    # index: 50 / 100; batching: 200 / 50; our request path: 3000 / 200
+    assert [r["throughput_gain"] for r in at8] == [None, pytest.approx(0.5), pytest.approx(4.0), pytest.approx(15.0)]
+    md = markdown(report)
+    assert "| 8 | + Triton's dynamic batching | 200.0 | 5.00 | 4.00 | 4.00 |" in md
+    assert "| p50 at c=1 <= 1.25 x (trivial p50 + in-process p50) | 1.250 | <= 1.25 | PASS |" in md
+    assert "| server + stubs < 3 GB (MB) | 2000.000 | < 3072 | PASS |" in md
     json.dumps(report)

@@ -103,7 +103,7 @@ def test_missing_and_invalid_files(tmp_path):
         (lambda: ServeConfig(max_restarts=0), "serve.max_restarts must be >= 1, got 0"),
         (lambda: ServeConfig(restart_window_s=0), "serve.restart_window_s must be > 0, got 0"),
         (lambda: ServeConfig(max_request_bytes=10), "serve.max_request_bytes must be >= 1024, got 10"),
-        (lambda: IndexConfig(kind="lsh"), r"index.kind must be one of \('auto', 'flat', 'ivf', 'ivf_sq', 'hnsw'\), got 'lsh'"),
+        (lambda: IndexConfig(kind="lsh"), r"index.kind must be one of \('auto', 'flat', 'ivf', 'ivf_sq', 'ivf_pq', 'hnsw'\), got 'lsh'"),
         (lambda: IndexConfig(nlist=0), "index.nlist must be >= 1, got 0"),
         (lambda: IndexConfig(nlist=8, nprobe=9), "index.nprobe must be in 1..nlist=8, got 9"),
         (lambda: IndexConfig(nprobe=0), "index.nprobe must be in 1..nlist=1024, got 0"),
@@ -119,6 +119,11 @@ def test_missing_and_invalid_files(tmp_path):
         (lambda: IndexConfig(sq_type="PQ8"), r"^index.sq_type must be one of \('SQ8', 'SQ6', 'SQ4', 'SQfp16'\), got 'PQ8'$"),
         (lambda: IndexConfig(train_points_per_cell=10), "^index.train_points_per_cell must be >= 39, got 10$"),
         (lambda: IndexConfig(add_chunk=0), "^index.add_chunk must be >= 1, got 0$"),
+        (lambda: IndexConfig(pq_nlist=0), "^index.pq_nlist must be >= 1, got 0$"),
+        (lambda: IndexConfig(pq_nlist=8, pq_nprobe=9), "^index.pq_nprobe must be in 1..pq_nlist=8, got 9$"),
+        (lambda: IndexConfig(pq_m=7), "^index.pq_m must be a positive even number, got 7$"),
+        (lambda: IndexConfig(refine="PQ"), r"^index.refine must be one of \('none', 'SQfp16', 'SQ8', 'Flat'\), got 'PQ'$"),
+        (lambda: IndexConfig(refine_k_factor=0.5), "^index.refine_k_factor must be >= 1, got 0.5$"),
     ],
 )
 def test_validation_errors(make, message):
@@ -128,7 +133,7 @@ def test_validation_errors(make, message):
 
 def test_auto_index_kind_follows_the_catalogue_size():
     cfg = IndexConfig(flat_max_items=100, ivf_max_items=1000)
-    assert [cfg.resolved_kind(n) for n in (100, 101, 1000, 1001)] == ["flat", "ivf", "ivf", "ivf_sq"]
+    assert [cfg.resolved_kind(n) for n in (100, 101, 1000, 1001)] == ["flat", "ivf", "ivf", "ivf_pq"]
     assert IndexConfig(kind="hnsw").resolved_kind(10**8) == "hnsw"
 
 

@@ -6,8 +6,11 @@ import numpy as np
 import pytest
 
 from common.config import IndexConfig
-from common.errors import IndexQualityError
-from train.index import build_checked_index, build_index, exact_top_k, factory_string, recall_against_exact
+from common.errors import ConfigError, IndexQualityError
+from ensemble.ops.search import ivf_of
+import faiss
+
+from train.index import build_checked_index, build_index, exact_top_k, factory_string, recall_against_exact, search_params, training_sample
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +31,8 @@ def test_flat_equals_numpy_argsort(vectors):
     np.testing.assert_array_equal(exact_top_k(queries, items, 10), exact)
 
 
-@pytest.mark.parametrize("cfg", [IndexConfig(kind="ivf", nlist=64, nprobe=32), IndexConfig(kind="hnsw", hnsw_m=16, ef_search=64)])
+@pytest.mark.parametrize("cfg", [IndexConfig(kind="ivf", nlist=64, nprobe=32), IndexConfig(kind="hnsw", hnsw_m=16, ef_search=64),
+                                 IndexConfig(kind="ivf_sq", sq_nlist=64, sq_nprobe=32, sq_type="SQfp16", add_chunk=1000)])
 def test_approximate_indexes_reach_their_recall(vectors, cfg):
     items, queries = vectors
     index = build_index(items, cfg)
@@ -38,6 +42,51 @@ def test_approximate_indexes_reach_their_recall(vectors, cfg):
 def test_ivf_cells_are_capped_by_catalogue_size():
     assert factory_string(IndexConfig(kind="ivf", nlist=1024), 3900) == "IVF100,Flat"
     assert factory_string(IndexConfig(kind="hnsw", hnsw_m=8), 10) == "HNSW8,Flat"
+    assert factory_string(IndexConfig(kind="ivf_sq", sq_nlist=4096, sq_type="SQfp16"), 3900) == "IVF100,SQfp16"
+    assert factory_string(IndexConfig(flat_max_items=10, ivf_max_items=100, pq_nlist=16, pq_nprobe=8), 1000) == "IVF16,PQ32x4fs,Refine(SQfp16)"  # auto, large
+
+
+def test_exact_top_k_in_blocks_equals_one_block(vectors):
+    items, queries = vectors
+    np.testing.assert_array_equal(exact_top_k(queries, items, 10, chunk=7, block=333), exact_top_k(queries, items, 10, block=10**6))
+
+
+def test_ivf_trains_on_a_sample_and_adds_every_row(vectors):
+    items, queries = vectors
+    sample = training_sample(items, 16, 50)
+    assert sample.shape == (800, 16) and len(np.unique(sample, axis=0)) == 800  # 16 cells x 50 points, no repeats
+    assert training_sample(items, 100, 50) is items  # fewer rows than asked: all of them
+    index = build_index(items, IndexConfig(kind="ivf_sq", sq_nlist=16, sq_nprobe=16, train_points_per_cell=50, add_chunk=999))
+    assert index.ntotal == 4000 and faiss.extract_index_ivf(index).nprobe == 16
+    # every cell probed: only the 8-bit codes separate it from exact search
+    assert recall_against_exact(index, queries, items, 10) >= 0.95
+
+
+def test_ivf_pq_short_list_is_re_ranked_and_reads_back(vectors, tmp_path):
+    items, queries = vectors
+    cfg = IndexConfig(kind="ivf_pq", pq_nlist=32, pq_nprobe=32, pq_m=8, refine="SQfp16", refine_k_factor=16)
+    assert factory_string(cfg, 4000) == "IVF32,PQ8x4fs,Refine(SQfp16)"
+    index = build_index(items, cfg)
+    assert isinstance(index, faiss.IndexRefine) and index.k_factor == 16 and search_params(index) == {"nprobe": 32, "k_factor": 16.0}
+    # every cell probed, 160 PQ candidates re-ranked with fp16 vectors: near exact
+    assert recall_against_exact(index, queries, items, 10) >= 0.95
+    no_refine = build_index(items, dataclasses.replace(cfg, refine="none"))
+    assert recall_against_exact(no_refine, queries, items, 10) < 0.9  # 4-bit codes alone are coarse
+    faiss.write_index(index, str(tmp_path / "i.faiss"))
+    loaded = faiss.read_index(str(tmp_path / "i.faiss"))
+    assert loaded.k_factor == 16 and ivf_of(loaded).nprobe == 32
+    np.testing.assert_array_equal(loaded.search(queries, 10)[1], index.search(queries, 10)[1])
+    with pytest.raises(ConfigError, match="index.pq_m=6 must divide the embedding size 16"):
+        build_index(items, dataclasses.replace(cfg, pq_m=6))
+
+
+def test_ivf_sq_index_reads_back_with_its_probe(vectors, tmp_path):
+    items, queries = vectors
+    index = build_index(items, IndexConfig(kind="ivf_sq", sq_nlist=32, sq_nprobe=8))
+    faiss.write_index(index, str(tmp_path / "i.faiss"))
+    loaded = faiss.read_index(str(tmp_path / "i.faiss"))
+    assert isinstance(loaded, faiss.IndexIVFScalarQuantizer) and faiss.extract_index_ivf(loaded).nprobe == 8
+    np.testing.assert_array_equal(loaded.search(queries, 10)[1], index.search(queries, 10)[1])
 
 
 def test_recall_floor_fails_the_build(vectors):
