@@ -33,7 +33,7 @@ HEALTH_PORT ?= 8003
 export PYTHONPATH := $(CURDIR)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help venv train tune eval fetch-movielens ensemble serve health deploy rollback client demo soak chaos gpu-image-resolve bench test test-compat test-unit test-integration clean
+.PHONY: help venv train tune eval fetch-movielens ensemble serve health deploy rollback client demo soak chaos gpu-image-resolve bench bench-seed test test-compat test-unit test-integration clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-18s %s\n", $$1, $$2}'
@@ -107,6 +107,10 @@ gpu-image-resolve: ## pip --dry-run of docker/Dockerfile.gpu's requirement set (
 	$(BUILD)/gpu-resolve/bin/python -m pip install --quiet --disable-pip-version-check pip==23.2.1
 	set -o pipefail; $(BUILD)/gpu-resolve/bin/python -m pip install --disable-pip-version-check --dry-run --ignore-installed -r requirements-gpu.txt -c constraints.txt | tail -1 | fold -w 160
 	rm -rf $(BUILD)/gpu-resolve
+
+SEED_ARTIFACTS ?= $(BUILD)/scale/artifacts
+bench-seed: $(STAMP) ## serving at the seed's size on its trained catalogue, embedded and Redis -> $(BUILD)/scale/serving
+	$(PY) -m bench.seed_size --artifacts $(SEED_ARTIFACTS) --out $(BUILD)/scale/serving --tools .tools/perf_analyzer
 
 bench: $(STAMP) ## serving benchmark at BENCH_ITEMS items (above 1M, ours at 1M too): ours vs the Merlin reference (stock; given our index; and batching) vs Triton's floor, ratio targets -> $(BUILD)/bench
 	@test -f $(ARTIFACTS)/manifest.json || $(MAKE) --no-print-directory train
