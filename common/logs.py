@@ -23,5 +23,6 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*PyTorch dtype mappings.*")
     warnings.filterwarnings("ignore", message=".*Please fix your imports.*")
+    warnings.filterwarnings("ignore", message=".*Initializing an NVTabular Dataset in CPU mode.*")  # every CPU Dataset
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
