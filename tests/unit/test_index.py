@@ -96,3 +96,20 @@ def test_recall_floor_fails_the_build(vectors):
         build_checked_index(items, queries, cfg)
     _, report = build_checked_index(items, queries, dataclasses.replace(cfg, kind="flat"))
     assert report.recall_at_10 == 1.0 and report.n_items == 4000
+
+
+def test_served_ivf_pq_widens_its_probe_for_short_rows(vectors, tmp_path):
+    from ensemble.ops.search import SearchItems
+
+    items, queries = vectors
+    index = build_index(items, IndexConfig(kind="ivf_pq", pq_nlist=32, pq_nprobe=1, pq_m=8, refine_k_factor=2))
+    faiss.write_index(index, str(tmp_path / "items.faiss"))
+    np.save(tmp_path / "item_ids.npy", np.arange(4000, dtype=np.int64) + 100)
+    np.savez(tmp_path / "seen.npz", user_ids=np.zeros(0, np.int64), indptr=np.zeros(1, np.int64), indices=np.zeros(0, np.int64))
+    op = SearchItems(tmp_path / "items.faiss", tmp_path / "item_ids.npy", tmp_path / "seen.npz", search_params(index))
+    op.load_artifacts()
+    # one cell of about 125 items cannot answer 300: the rows are searched again with a wider probe
+    ids, scores = op.search(queries[:4], np.full(4, 300))
+    assert (ids >= 100).all() and all(len(np.unique(row)) == 300 for row in ids)
+    assert (np.diff(scores, axis=1) <= 0).all()
+    assert ivf_of(op._cpu_index).nprobe == 1 and op._cpu_index.k_factor == 2  # the wider probe was for those calls only
