@@ -122,3 +122,20 @@ def test_output_folder_is_never_replaced_silently(tmp_path):
         prepare_output(tmp_path / "out", overwrite=False)
     prepare_output(tmp_path / "out", overwrite=True)
     assert not (tmp_path / "out" / "keep.txt").exists()
+
+
+def test_make_eval_scores_the_served_model_like_training_did(trained, tmp_path):
+    """`make eval` recomputes the table from the exported files: the compiled tower and the item file."""
+    from train.pipeline import evaluate_artifacts
+
+    report = evaluate_artifacts(trained["work"], trained["artifacts"], tmp_path)
+    training = json.loads((trained["artifacts"] / contract.ARTIFACT_METRICS).read_text())
+    seeds = trained["cfg"].eval.seeds
+    assert len(report["per_seed"]["two_tower"]) == 1  # the served model is the first seed's
+    assert len(report["per_seed"]["als"]) == seeds and len(report["per_seed"]["random"]) == seeds
+    assert report["n_users"] == training["n_users"]
+    first_seed = training["per_seed"]["two_tower"][0]["recall@10"]
+    assert report["methods"]["two_tower"]["recall@10"] == pytest.approx(first_seed, abs=0.01)
+    assert report["methods"]["popular"] == training["methods"]["popular"]
+    assert report["cold_start"]["n_users"] == training["cold_start"]["n_users"]
+    assert (tmp_path / "metrics.md").read_text().count("## Cold start") == 1
