@@ -169,13 +169,17 @@ def merge(requests: list[ParsedRequest], feature_names: tuple[str, ...] = ()) ->
         exclude[row : row + r.batch, : r.exclude.shape[1]] = r.exclude
         row += r.batch
     total = len(exclude)
+    # The usual case is that nobody sent a feature: every such feature gets the same read-only
+    # array of "not given" (11 features, one allocation; a write into it would raise).
+    not_given = np.full(total, contract.FEATURE_NOT_GIVEN, np.int64)
+    not_given.flags.writeable = False
     features = {}
     for name in feature_names:
         if any(name in r.features for r in requests):
             features[name] = np.concatenate(
                 [r.features.get(name, np.full(r.batch, contract.FEATURE_NOT_GIVEN, np.int64)) for r in requests])
-        else:  # the usual case: nobody sent it, so one array of "not given" (no per-request arrays to join)
-            features[name] = np.full(total, contract.FEATURE_NOT_GIVEN, np.int64)
+        else:
+            features[name] = not_given
     if len(requests) == 1:
         only = requests[0]
         return {

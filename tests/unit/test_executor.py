@@ -119,6 +119,23 @@ class _Recorder:
             return _Recorder.Metric({"family": self.name, **labels}, buckets)
 
 
+def test_busy_histograms_observe_an_even_sample_and_counters_stay_exact():
+    from ensemble.backend import BackendCapabilities
+    from ensemble.executor import BatchReport
+    from ensemble.metrics import MAX_OBSERVED_PER_SEND, ServingMetrics
+
+    _Recorder.calls = []
+    metrics = ServingMetrics(_Recorder, BackendCapabilities(_Recorder), "retrieval", "1", flush_interval_s=3600)
+    n = 3 * MAX_OBSERVED_PER_SEND + 1  # 25 batches: every 4th is observed (ceil(25 / 8) = 4), 7 of them
+    for users in range(1, n + 1):
+        metrics.record(BatchReport(ok=1, users=users, parse_s=0.001))
+    metrics.close()
+    observed = [v for c, labels, v in _Recorder.calls if c == "observe" and labels["family"] == "retrieval_batch_users"]
+    assert observed == [1.0, 5.0, 9.0, 13.0, 17.0, 21.0, 25.0]
+    assert [v for c, labels, v in _Recorder.calls if labels.get("outcome") == "ok"] == [n]
+    assert [v for c, labels, v in _Recorder.calls if labels.get("kind") == "known"] == [n * (n + 1) // 2]
+
+
 @pytest.mark.parametrize("histograms", [True, False])
 def test_metrics_are_queued_per_batch_and_sent_coalesced(histograms):
     from ensemble.backend import BackendCapabilities
