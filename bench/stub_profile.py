@@ -74,6 +74,8 @@ class TritonPythonModel(impl.TritonPythonModel):
         self.executor.execute = timed("executor.execute", self.executor.execute)
         self.executor.runner.run = timed("runner.run", self.executor.runner.run)
         self.metrics.record = timed("metrics.record", self.metrics.record)
+        if hasattr(self.metrics, "flush"):  # sent from a background thread (not part of execute)
+            self.metrics.flush = timed("metrics.flush (background thread)", self.metrics.flush)
         self._execute = timed("execute (whole)", super().execute)
 
     def execute(self, requests):
@@ -106,6 +108,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--compare-ref", default=None,
                         help="also serve our model with its code as of this git revision (A/B in the same run)")
     parser.add_argument("--rounds", type=int, default=1, help="alternate the servers this many times (noisy machine)")
+    parser.add_argument("--interleave", action="store_true",
+                        help="serve every system at once and alternate short perf_analyzer windows between them, "
+                             "so each round's systems see the same load (a shared, noisy machine)")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -184,6 +189,8 @@ def main(argv=None) -> int:
     servers = [("trivial", repos["trivial"], trivial.MODEL), ("ours", repos["ours"], "retrieval")]
     if args.compare_ref:
         servers.append(("ref", repository_at_revision(repos["ours"], out / "repo_ref", args.compare_ref), "retrieval"))
+    if args.interleave:
+        return interleaved(args, servers, rows, shapes, concurrencies, perf, repos)
     rounds = []
     for _ in range(args.rounds):
         rounds.append({name: systems.sweep_server(name, repo, model, rows, shapes, concurrencies, args.tools, perf, args.measurement_ms)
@@ -209,6 +216,73 @@ def main(argv=None) -> int:
         runs[args.label] = results
         history.write_text(json.dumps(runs, indent=1, default=str))
     print(report(results))
+    return 0
+
+
+def interleaved(args, servers, rows, shapes, concurrencies, perf: Path, repos: dict) -> int:
+    """All servers up together; each round runs every system at each concurrency back to back."""
+    import contextlib
+    import statistics
+
+    from bench import systems
+    from client.perf import ensure_perf_analyzer, run_perf, write_input_data
+    from ensemble.server import TritonServer, free_serve_config
+
+    binary, env = ensure_perf_analyzer(args.tools)
+    perf.mkdir(parents=True, exist_ok=True)
+    inputs = write_input_data(perf / "interleaved_input.json", rows, shapes)
+    local = systems.in_process(repos["ours"], args.artifacts, 3000, args.seed)
+    with contextlib.ExitStack() as stack:
+        up = {name: (stack.enter_context(TritonServer(repo, free_serve_config(ready_timeout_s=600), log_path=perf / f"{name}_il.log",
+                                                      model=model)), model)
+              for name, repo, model in servers}
+        before = {name: systems.model_stats(server.http_url)[model] for name, (server, model) in up.items()}
+        rounds = []
+        for i in range(args.rounds):
+            one = {}
+            for c in concurrencies:
+                for name, (server, model) in up.items():
+                    try:
+                        one[(name, c)] = run_perf(binary, env, model, server.grpc_url, c, inputs, measurement_ms=args.measurement_ms,
+                                                  max_trials=5, stability=100).as_dict()
+                    except Exception as e:  # noqa: BLE001 - an unstable window loses this round, not the run
+                        LOG.warning("round %d: %s at c=%d not measured: %s", i + 1, name, c, e)
+            if len(one) < len(up) * len(concurrencies):
+                continue
+            rounds.append(one)
+            LOG.info("round %d: %s", i + 1, ", ".join(f"{n} c={c} {r['throughput']:.0f}/s p50 {r['p50_ms']:.2f}" for (n, c), r in one.items()))
+        after = {name: systems.model_stats(server.http_url)[model] for name, (server, model) in up.items()}
+    top = max(concurrencies)
+    lines = [f"interleaved, {args.rounds} rounds, {args.measurement_ms} ms windows; in-process p50 {local['p50_ms']:.3f} ms",
+             "| system | c=1 p50 ms (median) | c=%d infer/s (median) | p50 ratio (median of rounds) | c=%d share (median of rounds) |" % (top, top),
+             "|---|---|---|---|---|"]
+    summary = {}
+    for name, _, _ in servers:
+        p50 = [r[(name, 1)]["p50_ms"] for r in rounds]
+        thr = [r[(name, top)]["throughput"] for r in rounds]
+        ratio = [r[(name, 1)]["p50_ms"] / (r[("trivial", 1)]["p50_ms"] + local["p50_ms"]) for r in rounds]
+        share = [r[(name, top)]["throughput"] / r[("trivial", top)]["throughput"] for r in rounds]
+        summary[name] = {"p50_c1_ms": p50, f"throughput_c{top}": thr, "p50_ratio": ratio, "throughput_share": share}
+        lines.append(f"| {name} | {statistics.median(p50):.3f} | {statistics.median(thr):,.0f} | {statistics.median(ratio):.2f} | "
+                     f"{statistics.median(share):.2f} |")
+    lines += ["", "Triton's stats over the interleaved rounds, ms per inference (per execution in brackets):",
+              "| system | queue | compute_input | compute_infer | compute_output | inferences/execution |", "|---|---|---|---|---|---|"]
+    for name in up:
+        b, a = before[name], after[name]
+        n = max(a["inference_count"] - b["inference_count"], 1)
+        e = max(a["execution_count"] - b["execution_count"], 1)
+        cells = []
+        for stage in ("queue", "compute_input", "compute_infer", "compute_output"):
+            ms = a[f"{stage}_ms"] * a["inference_count"] - b[f"{stage}_ms"] * b["inference_count"]
+            cells.append(f"{ms / n:.3f} ({ms / e:.3f})")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {n / e:.2f} |")
+    text = "\n".join(lines)
+    history = args.out / "stub_profile.json"
+    runs = json.loads(history.read_text()) if history.is_file() else {}
+    runs[args.label] = {"interleaved": summary, "in_process": local,
+                        "rounds": [{f"{n} c={c}": r for (n, c), r in one.items()} for one in rounds], "report": text}
+    history.write_text(json.dumps(runs, indent=1, default=str))
+    print(text)
     return 0
 
 
