@@ -136,6 +136,9 @@ def markdown(report: dict) -> str:
                          f"{r['server_queue_ms']:.2f} | {r['server_compute_ms']:.2f} |")
     ip = report["systems"]["in_process"]
     lines += [f"| in-process (no server) | 1 | {ip['throughput']:.1f} | {ip['p50_ms']:.3f} | {ip['p95_ms']:.3f} | {ip['p99_ms']:.3f} | - | - |", ""]
+    if any(r.get("unstable") for sys_ in report["systems"].values() for r in sys_.get("sweep", [])):
+        lines += ["(unstable): perf_analyzer found no three windows within 100% of each other; the row is 10 windows "
+                  "of twice the length, accepted within 300%: read its p95/p99 as the spread.", ""]
     base_items = settings.get("baseline_items", settings["items"])
     lines += ["## Where the gain comes from", "",
               f"At {base_items:,} items, each row adds one thing to the row before it.", "",
