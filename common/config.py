@@ -78,6 +78,9 @@ class DataConfig:
             when `timestamp` is set, random otherwise).
         holdout_min: at least this many held out per user who has more candidates than that
             (users with fewer stay entirely in training).
+        seen: what each user's full-catalogue ranking leaves out, for every method alike: their
+            training "positives", or "all" their training interactions (ratings: a user rates a
+            movie once, so the low-rated ones cannot come back either).
         cold_users: users (a seeded sample of those with a positive) removed before training
             entirely, with every interaction, into `cold.parquet`: the new users of the
             cold-start evaluation. At most a fifth of those users are taken.
@@ -112,6 +115,7 @@ class DataConfig:
     holdout: str = "all"
     holdout_by: str = "auto"
     holdout_min: int = 0
+    seen: str = "positives"
     cold_users: int = 200
     seed: int = 42
     user_id: str = "user_id"
@@ -146,6 +150,7 @@ class DataConfig:
         _check(self.holdout_by in ("auto", "time", "random"), f"data.holdout_by must be auto, time or random, got {self.holdout_by!r}")
         _check(self.holdout_by != "time" or bool(self.timestamp), "data.holdout_by=time needs data.timestamp")
         _check(self.holdout_min >= 0, f"data.holdout_min must be >= 0, got {self.holdout_min}")
+        _check(self.seen in ("positives", "all"), f"data.seen must be positives or all, got {self.seen!r}")
         _check(self.cold_users >= 0, f"data.cold_users must be >= 0, got {self.cold_users}")
         reserved = {contract.INPUT_USER_ID, contract.INPUT_EXCLUDE, contract.OUTPUT_ITEM_IDS, contract.OUTPUT_SCORES,
                     contract.OUTPUT_UNKNOWN, contract.PARAM_TOP_K, contract.PARAM_EXCLUDE_SEEN, "query_embedding"}

@@ -37,9 +37,12 @@ class Tables:
     items: pd.DataFrame
     train_pairs: tuple[np.ndarray, np.ndarray]
     valid_pairs: tuple[np.ndarray, np.ndarray]
+    seen_pairs: tuple[np.ndarray, np.ndarray] | None = None
 
     def eval_set(self) -> EvalSet:
-        return build_eval_set(*self.train_pairs, *self.valid_pairs, len(self.users), len(self.items))
+        """Users with held-out positives; each ranking leaves out `seen_pairs` (default: the training positives)."""
+        seen = self.seen_pairs if self.seen_pairs is not None else self.train_pairs
+        return build_eval_set(*seen, *self.valid_pairs, len(self.users), len(self.items))
 
 
 def _row_lookup(codes: np.ndarray) -> np.ndarray:
@@ -67,7 +70,20 @@ def load_tables(etl_dir: Path, cfg: DataConfig) -> Tables:
         i = _to_rows(item_rows, df[cfg.item_id].to_numpy())
         keep = u >= 0
         pairs[name] = (u[keep], i[keep])
-    return Tables(users, items, pairs[etl_stage.TRAIN_DIR], pairs[etl_stage.VALID_DIR])
+    seen = _all_training_pairs(etl_dir, cfg) if cfg.seen == "all" else None
+    return Tables(users, items, pairs[etl_stage.TRAIN_DIR], pairs[etl_stage.VALID_DIR], seen)
+
+
+def _all_training_pairs(etl_dir: Path, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(user rows, item rows) of every raw training interaction, positive or not (data.seen=all)."""
+    raw = pd.read_parquet(etl_dir.parent / "data" / "train.parquet", columns=[cfg.user_id, cfg.item_id])
+    users = pd.read_parquet(etl_dir / etl_stage.USERS_RAW, columns=[cfg.user_id])[cfg.user_id].to_numpy()
+    items = pd.read_parquet(etl_dir / etl_stage.ITEMS_RAW, columns=[cfg.item_id])[cfg.item_id].to_numpy()
+    u = np.searchsorted(users, raw[cfg.user_id].to_numpy())
+    i = np.searchsorted(items, raw[cfg.item_id].to_numpy())
+    keep = (u < len(users)) & (i < len(items))
+    keep[keep] &= (users[u[keep]] == raw[cfg.user_id].to_numpy()[keep]) & (items[i[keep]] == raw[cfg.item_id].to_numpy()[keep])
+    return u[keep], i[keep]
 
 
 def tower_inputs(table: pd.DataFrame) -> dict[str, np.ndarray]:

@@ -83,6 +83,7 @@ def test_missing_and_invalid_files(tmp_path):
         (lambda: DataConfig(holdout="clicks"), "^data.holdout must be all or positives, got 'clicks'$"),
         (lambda: DataConfig(holdout_by="oldest"), "^data.holdout_by must be auto, time or random, got 'oldest'$"),
         (lambda: DataConfig(holdout_min=-1), "^data.holdout_min must be >= 0, got -1$"),
+        (lambda: DataConfig(seen="clicked"), "^data.seen must be positives or all, got 'clicked'$"),
         (lambda: TrainConfig(optimizer="sgd"), "^train.optimizer must be adam or adagrad, got 'sgd'$"),
         (lambda: EvalConfig(seeds=0), "^eval.seeds must be >= 1, got 0$"),
         (lambda: EvalConfig(max_users=0), "^eval.max_users must be >= 1 or null, got 0$"),

@@ -118,3 +118,19 @@ def test_each_split_is_categorified_once_after_the_fit(trained, tmp_path, monkey
     assert seen.count(n_valid) == n_categorify and seen.count(n_train) == 2 * n_categorify
     assert result.input_rows == n_train + n_valid
     pd.testing.assert_frame_equal(etl.read_encoded(tmp_path / etl.TRAIN_DIR), etl.read_encoded(trained["work"] / "etl" / etl.TRAIN_DIR))
+
+
+def test_seen_all_excludes_every_training_interaction_not_only_positives(trained, tiny_cfg):
+    import dataclasses
+
+    from train.fit import load_tables
+
+    etl_dir = trained["work"] / "etl"
+    positives_only = load_tables(etl_dir, tiny_cfg.data)
+    everything = load_tables(etl_dir, dataclasses.replace(tiny_cfg.data, seen="all"))
+    raw = pd.read_parquet(trained["work"] / "data" / "train.parquet")
+    assert positives_only.seen_pairs is None
+    assert len(everything.seen_pairs[0]) == len(raw)  # every training row's user and item are in the tables
+    a, b = positives_only.eval_set(), everything.eval_set()
+    np.testing.assert_array_equal(a.user_rows, b.user_rows)
+    assert b.seen.nnz > a.seen.nnz and (a.seen.multiply(b.seen) != 0).sum() == a.seen.nnz  # a superset
