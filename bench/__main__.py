@@ -102,6 +102,8 @@ def main(argv=None) -> int:
     for name in ("reference", "reference_our_index", "reference_our_index_batched"):
         results[name] = sweep(name, reference.MODEL, ref_rows, ref_shapes)
     results["in_process"] = systems.in_process(repos["ours"], args.artifacts, 3000, args.seed)
+    if baseline != scaled:
+        results["in_process_baseline"] = systems.in_process(repos["ours_baseline"], args.artifacts, 3000, args.seed)
     training = {"ours": train_speed.ours_from_manifest(manifest), "seed": train_speed.seed_fit_examples_per_s(args.work / "etl")}
     full = {
         "machine": f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}, Python {platform.python_version()}",
