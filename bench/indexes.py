@@ -29,7 +29,7 @@ CANDIDATES = (
     IndexConfig(kind="ivf_sq", sq_nprobe=32),
     IndexConfig(kind="ivf_sq", sq_nprobe=64),
     IndexConfig(kind="ivf_sq", sq_nprobe=128),
-    IndexConfig(kind="ivf_pq", pq_nprobe=32),
+    IndexConfig(kind="ivf_pq", pq_nprobe=64, refine_k_factor=128),
     IndexConfig(kind="ivf_pq", pq_nprobe=64),
     IndexConfig(kind="ivf_pq", pq_nprobe=128),
     IndexConfig(kind="hnsw", ef_search=64),

@@ -300,19 +300,20 @@ class IndexConfig:
     """The FAISS index served for top-K search.
 
     Attributes:
-        kind: "auto" (flat up to flat_max_items, IVF-Flat up to ivf_max_items, IVF-SQ above),
+        kind: "auto" (flat up to flat_max_items, IVF-Flat up to ivf_max_items, IVF-PQ above),
             "flat" (exact inner product), "ivf" (IVF-Flat), "ivf_sq" (IVF whose lists hold
             scalar-quantized codes, `sq_type`: a quarter of the memory at SQ8), "ivf_pq" (IVF
             whose lists hold 4-bit product-quantized codes scanned with SIMD lookups, the best
             refine_k_factor x k re-ranked by the `refine` codes) or "hnsw" (HNSW-Flat). At 10M
-            synthetic items (`make bench`), IVF4096,SQ8 with nprobe 64 kept recall@10 at 0.977 in
-            688 MB, where IVF4096,PQ32x4fs,Refine(SQfp16) at k_factor 16 stopped at 0.55 whatever
-            the probe (its 4-bit codes cannot rank 10M near neighbours into a short list). `make bench` measures them: at 1M items IVF1024 with nprobe 16 kept
+            synthetic items, nprobe 64 of 4096 cells: IVF-PQ32x4fs re-ranking 512 x k by fp16
+            codes kept recall@10 at 0.973 for 2.1 ms a query in 1.45 GB; IVF-SQ8 0.969 for
+            3.4 ms in 688 MB; IVF-PQ re-ranking 16 x k stopped at 0.55 at any probe, 128 x k at
+            0.88 (the 4-bit codes rank 10M near neighbours only roughly). `make bench` measures them: at 1M items IVF1024 with nprobe 16 kept
             recall@10 at 0.987 for 0.13 ms a query, HNSW32 reached 0.68 at ef 128 on these
             inner-product embeddings with twice the memory; at 10M, IVF-Flat needs 2.6 GB.
         flat_max_items: the largest catalogue that "auto" serves with an exact index.
         ivf_max_items: the largest catalogue that "auto" serves with IVF-Flat (float vectors in
-            the lists, 2.6 GB at 10M items); above it, "auto" builds ivf_sq.
+            the lists, 2.6 GB at 10M items); above it, "auto" builds ivf_pq.
         nlist: IVF-Flat cells; capped at the catalogue size / 39 so that k-means has data.
         nprobe: IVF-Flat cells visited per query.
         sq_nlist: IVF-SQ cells (capped as nlist is).
@@ -350,7 +351,7 @@ class IndexConfig:
     pq_nprobe: int = 64
     pq_m: int = 32
     refine: str = "SQfp16"
-    refine_k_factor: float = 16.0
+    refine_k_factor: float = 512.0
     train_points_per_cell: int = 64
     add_chunk: int = 1_000_000
     hnsw_m: int = 32
@@ -391,7 +392,7 @@ class IndexConfig:
             return self.kind
         if n_items <= self.flat_max_items:
             return "flat"
-        return "ivf" if n_items <= self.ivf_max_items else "ivf_sq"
+        return "ivf" if n_items <= self.ivf_max_items else "ivf_pq"
 
 
 @dataclass(frozen=True, kw_only=True)

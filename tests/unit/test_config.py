@@ -134,7 +134,7 @@ def test_validation_errors(make, message):
 
 def test_auto_index_kind_follows_the_catalogue_size():
     cfg = IndexConfig(flat_max_items=100, ivf_max_items=1000)
-    assert [cfg.resolved_kind(n) for n in (100, 101, 1000, 1001)] == ["flat", "ivf", "ivf", "ivf_sq"]
+    assert [cfg.resolved_kind(n) for n in (100, 101, 1000, 1001)] == ["flat", "ivf", "ivf", "ivf_pq"]
     assert IndexConfig(kind="hnsw").resolved_kind(10**8) == "hnsw"
 
 

@@ -43,7 +43,7 @@ def test_ivf_cells_are_capped_by_catalogue_size():
     assert factory_string(IndexConfig(kind="ivf", nlist=1024), 3900) == "IVF100,Flat"
     assert factory_string(IndexConfig(kind="hnsw", hnsw_m=8), 10) == "HNSW8,Flat"
     assert factory_string(IndexConfig(kind="ivf_sq", sq_nlist=4096, sq_type="SQfp16"), 3900) == "IVF100,SQfp16"
-    assert factory_string(IndexConfig(flat_max_items=10, ivf_max_items=100, sq_nlist=16, sq_nprobe=8), 1000) == "IVF16,SQ8"  # auto, large
+    assert factory_string(IndexConfig(flat_max_items=10, ivf_max_items=100, pq_nlist=16, pq_nprobe=8), 1000) == "IVF16,PQ32x4fs,Refine(SQfp16)"  # auto, large
 
 
 def test_exact_top_k_in_blocks_equals_one_block(vectors):
