@@ -31,7 +31,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--items", type=int, default=1_000_000, help="catalogue size to serve")
     parser.add_argument("--concurrency", default="1,2,4,8,16", help="comma-separated perf_analyzer concurrencies")
     parser.add_argument("--measurement-ms", type=int, default=3000, help="perf_analyzer measurement window")
-    parser.add_argument("--index-kinds", default="flat,ivf,ivf_sq,hnsw",
+    parser.add_argument("--index-kinds", default="flat,ivf,ivf_sq,ivf_pq,hnsw",
                         help="index kinds to compare (empty: skip); kinds too slow to build at the size are skipped")
     parser.add_argument("--baseline-items", type=int, default=BASELINE_ITEMS,
                         help="catalogue of the reference rows and of the scaling ratio (ours runs at both sizes when --items is larger)")

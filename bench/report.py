@@ -139,7 +139,8 @@ def markdown(report: dict) -> str:
     lines += ["perf_analyzer over gRPC, one user per request, realistic user ids; client and server share the machine.", "",
               "## Targets (ratios within this run)", "", "| target | measured | target | result |", "|---|---|---|---|"]
     for name, v in s["targets"].items():
-        lines.append(f"| {name} | {_fmt(v['value'], '.3f')} | {v['op']} {v['target']:g} | {'PASS' if v['met'] else 'FAIL'} |")
+        result = "PASS" if v["met"] else "FAIL" if v["value"] is not None else "not measured (FAIL)"
+        lines.append(f"| {name} | {_fmt(v['value'], '.3f')} | {v['op']} {v['target']:g} | {result} |")
     lines += ["", "## Throughput and latency", "",
               "| system | concurrency | infer/s | p50 ms | p95 ms | p99 ms | server queue ms | server compute ms |", "|---|---|---|---|---|---|---|---|"]
     for name in SYSTEMS:

@@ -146,6 +146,8 @@ def test_report_without_a_baseline_reads_every_target_at_the_one_catalogue():
     assert t["p50 at c=1, 1,000,000 items <= 1.5 x at 1,000,000 items"]["value"] is None  # not measured, so not a pass
     assert not t["p50 at c=1, 1,000,000 items <= 1.5 x at 1,000,000 items"]["met"]
     assert t[FLOOR]["value"] == pytest.approx(2.0 / (1.0 + 3.0))  # ours and its in-process path, at the one catalogue
+    report["summary"] = summarize(report)
+    assert "| p50 at c=1, 1,000,000 items <= 1.5 x at 1,000,000 items | - | <= 1.5 | not measured (FAIL) |" in markdown(report)
 
 
 def test_report_attributes_the_gain_step_by_step():
