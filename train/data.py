@@ -88,15 +88,19 @@ class Truth:
         Returns:
             [n, num_items] float32.
         """
+        # float32 throughout: w is at most exp(exposure_scale) for unit tastes, and the ranking
+        # needs no more (float64 made the oracle 5 minutes of a 10,000-user, 500,000-item evaluation).
+        f = np.float32
         affinity = self.user_taste[user_rows] @ self.item_taste.T
-        pop = _popularity(self.item_log_pop)
-        w = np.exp(self.exposure_scale * affinity.astype(np.float64))
-        z = w @ pop
+        pop = _popularity(self.item_log_pop).astype(f)
+        w = np.exp(f(self.exposure_scale) * affinity)
+        z = (w @ pop)[:, None]
         c = self.exposure_candidates
-        personal = pop * w / z[:, None] if c == 0 else c * pop * w / (w + (c - 1) * z[:, None])
-        exposure = (1.0 - self.personalized_share) * pop[None, :] + self.personalized_share * personal
-        click = -np.logaddexp(0.0, -(self.affinity_scale * affinity + self.click_bias))
-        return (np.log(exposure + 1e-30) + click).astype(np.float32)
+        personal = pop * w / z if c == 0 else f(c) * pop * w / (w + f(c - 1) * z)
+        exposure = f(1.0 - self.personalized_share) * pop[None, :] + f(self.personalized_share) * personal
+        logit = f(self.affinity_scale) * affinity + f(self.click_bias)
+        log_click = np.minimum(logit, f(0.0)) - np.log1p(np.exp(-np.abs(logit)))  # log sigmoid, without logaddexp's cost
+        return np.log(exposure + f(1e-30)) + log_click
 
     def save(self, path: Path) -> None:
         np.savez(path, **{k: np.asarray(v) for k, v in self.__dict__.items()})

@@ -95,7 +95,7 @@ def test_missing_files_and_bad_lines_are_clear_errors(tmp_path):
 
 def test_pipeline_uses_the_real_files_through_config(tmp_path):
     write_raw_sample(tmp_path / "raw", n_rows=25)
-    cfg = DataConfig(source="aliccp", aliccp_dir=str(tmp_path / "raw"))
+    cfg = DataConfig(source="aliccp", aliccp_dir=str(tmp_path / "raw"), cold_users=0)  # every converted row stays in the splits
     paths = prepare_data(cfg, tmp_path / "data")
     assert len(pd.read_parquet(paths["train"])) == 24 and "truth" not in paths
     limited = prepare_data(dataclasses.replace(cfg, aliccp_max_rows=10), tmp_path / "data10")
