@@ -23,6 +23,7 @@ from common.config import DataConfig, EvalConfig
 from common.errors import ConfigError
 from train import etl as etl_stage
 from train.evaluate import EvalSet, Scorer, build_eval_set, embedding_scorer, evaluate_methods, popularity_scorer
+from train.fit import rows_of_raw
 
 LOG = logging.getLogger(__name__)
 
@@ -59,10 +60,8 @@ def load_cold_users(cold_path: Path, etl_dir: Path, cfg: DataConfig) -> ColdUser
     encoded = workflow._transform_df(raw).reset_index(drop=True)[list(cfg.user_columns)]
     catalogue = pd.read_parquet(etl_dir / etl_stage.ITEMS_RAW, columns=[cfg.item_id])[cfg.item_id].to_numpy()
     positives = cold[cfg.is_positive(cold[cfg.label]).to_numpy()]
-    pos = np.searchsorted(catalogue, positives[cfg.item_id].to_numpy())
-    pos_c = np.minimum(pos, len(catalogue) - 1)
-    item_rows = np.where(catalogue[pos_c] == positives[cfg.item_id].to_numpy(), pos_c, -1)
-    user_rows = np.searchsorted(raw[cfg.user_id].to_numpy(), positives[cfg.user_id].to_numpy())
+    item_rows = rows_of_raw(catalogue, positives[cfg.item_id].to_numpy())
+    user_rows = rows_of_raw(raw[cfg.user_id].to_numpy(), positives[cfg.user_id].to_numpy())
     empty = np.zeros(0, dtype=np.int64)
     data = build_eval_set(empty, empty, user_rows, item_rows, len(raw), len(catalogue))
     return ColdUsers(raw, encoded, data)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -9,13 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 import tensorflow as tf
 from merlin.io import Dataset
 
 from common.config import DataConfig, TrainConfig
-from train import etl as etl_stage
 from common.progress import progress_bar
-from train.evaluate import EvalSet, build_eval_set, rank_metrics, top_k
+from train import etl as etl_stage
+from train.evaluate import EvalSet, build_eval_set, interactions_matrix, rank_metrics, top_k
 from train.model import build_two_tower, encode_in_batches, item_probabilities, tower_schemas
 
 LOG = logging.getLogger(__name__)
@@ -38,6 +40,11 @@ class Tables:
     train_pairs: tuple[np.ndarray, np.ndarray]
     valid_pairs: tuple[np.ndarray, np.ndarray]
     seen_pairs: tuple[np.ndarray, np.ndarray] | None = None
+
+    @functools.cached_property
+    def train_counts(self) -> sp.csr_matrix:
+        """[users, items] training positives per pair (what ALS and the popularity baselines learn from)."""
+        return interactions_matrix(*self.train_pairs, len(self.users), len(self.items))
 
     def eval_set(self) -> EvalSet:
         """Users with held-out positives; each ranking leaves out `seen_pairs` (default: the training positives)."""
@@ -74,15 +81,22 @@ def load_tables(etl_dir: Path, cfg: DataConfig) -> Tables:
     return Tables(users, items, pairs[etl_stage.TRAIN_DIR], pairs[etl_stage.VALID_DIR], seen)
 
 
+def rows_of_raw(sorted_ids: np.ndarray, raw_ids: np.ndarray) -> np.ndarray:
+    """Table rows of raw ids in a table sorted by raw id (the ETL's raw tables), -1 where absent."""
+    pos = np.searchsorted(sorted_ids, raw_ids)
+    pos_c = np.minimum(pos, max(len(sorted_ids) - 1, 0))
+    found = (pos < len(sorted_ids)) & (sorted_ids[pos_c] == raw_ids)
+    return np.where(found, pos_c, -1)
+
+
 def _all_training_pairs(etl_dir: Path, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
     """(user rows, item rows) of every raw training interaction, positive or not (data.seen=all)."""
     raw = pd.read_parquet(etl_dir.parent / "data" / "train.parquet", columns=[cfg.user_id, cfg.item_id])
     users = pd.read_parquet(etl_dir / etl_stage.USERS_RAW, columns=[cfg.user_id])[cfg.user_id].to_numpy()
     items = pd.read_parquet(etl_dir / etl_stage.ITEMS_RAW, columns=[cfg.item_id])[cfg.item_id].to_numpy()
-    u = np.searchsorted(users, raw[cfg.user_id].to_numpy())
-    i = np.searchsorted(items, raw[cfg.item_id].to_numpy())
-    keep = (u < len(users)) & (i < len(items))
-    keep[keep] &= (users[u[keep]] == raw[cfg.user_id].to_numpy()[keep]) & (items[i[keep]] == raw[cfg.item_id].to_numpy()[keep])
+    u = rows_of_raw(users, raw[cfg.user_id].to_numpy())
+    i = rows_of_raw(items, raw[cfg.item_id].to_numpy())
+    keep = (u >= 0) & (i >= 0)
     return u[keep], i[keep]
 
 

@@ -16,7 +16,7 @@ from train import etl as etl_stage
 from train.coldstart import ColdUsers, cold_start_report, load_cold_users
 from train.data import COLD_FILE, TRUTH_FILE, Truth, prepare_data
 from train.evaluate import (
-    EvalSet, Scorer, als_scorer, embedding_scorer, evaluate_methods, format_table, interactions_matrix,
+    EvalSet, Scorer, als_scorer, embedding_scorer, evaluate_methods, format_table,
     popularity_scorer, random_scorer, split_tune_eval, tuned_als_scorer, verdicts,
 )
 from train.export import export_artifacts, prepare_output
@@ -62,7 +62,7 @@ def evaluation_users(cfg: PipelineConfig, tables: Tables) -> tuple[EvalSet, Eval
 
 def baseline_scorers(cfg: PipelineConfig, work_dir: Path, tables: Tables, tune: EvalSet) -> tuple[dict, dict]:
     """The baselines, one scorer per seed where they have randomness, and the tuned ALS settings."""
-    counts = interactions_matrix(*tables.train_pairs, len(tables.users), len(tables.items))
+    counts = tables.train_counts
     seeds = [cfg.train.seed + i for i in range(cfg.eval.seeds)]
     als, als_params = tuned_als_scorer(counts, tune, seeds[0], cfg.train.eval_ks[0], cfg.eval.als_budget_s)
     fit_params = {k: v for k, v in als_params.items() if k != "settings_tried"}
@@ -97,9 +97,8 @@ def evaluate_all(cfg: PipelineConfig, report_users: EvalSet, model_embeddings: l
 def cold_start(cfg: PipelineConfig, work_dir: Path, tables: Tables, cold: ColdUsers, queries: list[np.ndarray],
                items: list[np.ndarray]) -> dict:
     """The cold-start table of the users kept out of training (see train.coldstart)."""
-    counts = interactions_matrix(*tables.train_pairs, len(tables.users), len(tables.items))
     warm_raw = pd.read_parquet(work_dir / ETL_DIR / etl_stage.USERS_RAW)
-    return cold_start_report(cold, queries, items, counts, warm_raw, cfg.eval, tuple(cfg.train.eval_ks), cfg.data.seed)
+    return cold_start_report(cold, queries, items, tables.train_counts, warm_raw, cfg.eval, tuple(cfg.train.eval_ks), cfg.data.seed)
 
 
 def log_report(report: dict, cfg: PipelineConfig) -> None:
