@@ -37,6 +37,9 @@ ALICCP_USER_FEATURES = (
 ALICCP_ITEM_FEATURES = ("item_category", "item_shop", "item_brand")
 
 
+MAX_HISTORY = 200  # the most positives a query may pool (the request's history_item_ids width limit too)
+
+
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
@@ -152,7 +155,7 @@ class DataConfig:
         _check(self.holdout_min >= 0, f"data.holdout_min must be >= 0, got {self.holdout_min}")
         _check(self.seen in ("positives", "all"), f"data.seen must be positives or all, got {self.seen!r}")
         _check(self.cold_users >= 0, f"data.cold_users must be >= 0, got {self.cold_users}")
-        reserved = {contract.INPUT_USER_ID, contract.INPUT_EXCLUDE, contract.OUTPUT_ITEM_IDS, contract.OUTPUT_SCORES,
+        reserved = {contract.INPUT_USER_ID, contract.INPUT_EXCLUDE, contract.INPUT_HISTORY, contract.OUTPUT_ITEM_IDS, contract.OUTPUT_SCORES,
                     contract.OUTPUT_UNKNOWN, contract.PARAM_TOP_K, contract.PARAM_EXCLUDE_SEEN, "query_embedding"}
         clash = sorted(reserved & set(self.user_features))
         _check(not clash, f"user features cannot use the serving contract's names {clash}; rename them in the data")
@@ -202,6 +205,9 @@ class TrainConfig:
         mask_features: share of training examples in which each user feature, independently, is
             replaced by the missing-value code (index 1: a feature not sent) or, for as many again,
             by the unseen-value code (index 2: a value training never saw).
+        history_length: the user's latest N training positives (oldest first) become a query-tower
+            input, pooled over the item-id embedding the item tower uses (one shared table); each
+            training example sees the N positives before it. 0: no history input.
         early_stopping_patience: epochs without a better validation recall before stopping (0: off).
         eval_ks: cut-offs of the full-catalogue evaluation.
         seed: seed of TensorFlow and NumPy during training.
@@ -219,6 +225,7 @@ class TrainConfig:
     dropout: float = 0.2
     mask_user_id: float = 0.1
     mask_features: float = 0.05
+    history_length: int = 0
     early_stopping_patience: int = 3
     eval_ks: tuple[int, ...] = (10, 50, 100)
     seed: int = 42
@@ -240,6 +247,7 @@ class TrainConfig:
         _check(0 <= self.dropout < 1, "train.dropout must be in [0, 1)")
         _check(0 <= self.mask_user_id < 1, f"train.mask_user_id must be in [0, 1), got {self.mask_user_id}")
         _check(0 <= self.mask_features <= 0.5, f"train.mask_features must be in [0, 0.5], got {self.mask_features}")
+        _check(0 <= self.history_length <= MAX_HISTORY, f"train.history_length must be in [0, {MAX_HISTORY}], got {self.history_length}")
         _check(self.early_stopping_patience >= 0, "train.early_stopping_patience must be >= 0")
         _check(len(self.eval_ks) >= 1 and min(self.eval_ks) >= 1, "train.eval_ks needs cut-offs >= 1")
 

@@ -13,6 +13,11 @@ MODEL_NAME = "retrieval"
 INPUT_USER_ID = "user_id"  # INT64 [batch, 1], raw user ids as in the interaction data
 INPUT_EXCLUDE = "exclude_item_ids"  # INT64 [batch, n], raw item ids to leave out, padded with -1
 EXCLUDE_PAD = -1
+# Optional: the user's latest interactions, INT64 [batch, n] raw item ids, oldest first, padded with
+# HISTORY_PAD. They are appended to the user's stored history (the latest `history_length` kept);
+# ids the catalogue does not know are ignored and counted. Declared only by models with a history input.
+INPUT_HISTORY = "history_item_ids"
+HISTORY_PAD = -1
 # Optional inputs named after the user features (user_age, ...): INT64 [batch, 1] raw values that
 # replace the stored ones; FEATURE_NOT_GIVEN leaves a row's stored (or, for a new user, null) value.
 FEATURE_NOT_GIVEN = -1
@@ -30,6 +35,7 @@ OUTPUT_UNKNOWN = "unknown_user"  # BOOL [batch, 1], true where the user id was n
 DTYPES = {
     INPUT_USER_ID: "INT64",
     INPUT_EXCLUDE: "INT64",
+    INPUT_HISTORY: "INT64",
     OUTPUT_ITEM_IDS: "INT64",
     OUTPUT_SCORES: "FP32",
     OUTPUT_UNKNOWN: "BOOL",

@@ -45,8 +45,42 @@ def rowwise_matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     return np.matmul(x[:, None, :], w)[:, 0, :]
 
 
+# Categorify's codes below this are padding (0), missing (1) and unseen (2): never an item.
+FIRST_ITEM_CODE = 3
+
+
+def pool_mean(table: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """[batch, n] item codes -> [batch, dim] mean of their embedding rows.
+
+    Codes below FIRST_ITEM_CODE (padding, unknown items) are left out; a row with none pools to
+    zeros. This is what merlin-models' `EmbeddingTable(sequence_combiner="mean")` computes on the
+    ragged list of a row's codes (`tf.nn.safe_embedding_lookup_sparse`), summed in order per row.
+    """
+    codes = np.asarray(codes)
+    if codes.ndim == 1:
+        codes = codes.reshape(len(codes), -1)
+    valid = codes >= FIRST_ITEM_CODE
+    rows = table[np.where(valid, codes, 0)] * valid[..., None]
+    counts = valid.sum(axis=1, keepdims=True)
+    return (rows.sum(axis=1) / np.maximum(counts, 1)).astype(np.float32, copy=False)
+
+
+RAGGED_SUFFIXES = ("__values", "__offsets")
+
+
+def ragged_codes(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[batch, n] padded codes -> (int32 values, int64 offsets [batch + 1]) of the item codes in each
+    row, in order: a list feature as merlin's dataloader hands it to a model."""
+    codes = np.asarray(codes)
+    codes = codes.reshape(len(codes), -1)
+    valid = codes >= FIRST_ITEM_CODE
+    offsets = np.concatenate([[0], np.cumsum(valid.sum(axis=1))]).astype(np.int64)
+    return codes[valid].astype(np.int32), offsets
+
+
 class NumpyTower:
-    """The compiled query tower: embedding lookups, concatenation, dense layers, L2 norm.
+    """The compiled query tower: embedding lookups (mean-pooled for list features), concatenation,
+    dense layers, L2 norm.
 
     Args:
         arrays: what `train.compile_tower.compile_query_tower` returns (or the loaded npz).
@@ -54,6 +88,7 @@ class NumpyTower:
 
     def __init__(self, arrays):
         self.features = [str(f) for f in arrays["features"]]
+        self.pooled = {str(f) for f in arrays["pooled"]} if "pooled" in arrays else set()
         self.tables = [np.ascontiguousarray(arrays[f"table_{f}"], np.float32) for f in self.features]
         n_layers = len(arrays["activations"])
         self.kernels = [np.ascontiguousarray(arrays[f"kernel_{i}"], np.float32) for i in range(n_layers)]
@@ -66,8 +101,9 @@ class NumpyTower:
         return self.kernels[-1].shape[1]
 
     def embed(self, features: dict[str, np.ndarray]) -> np.ndarray:
-        """[batch] encoded feature columns -> [batch, dim] float32."""
-        x = np.concatenate([t[np.asarray(features[f]).reshape(-1)] for f, t in zip(self.features, self.tables)], axis=1)
+        """[batch] encoded feature columns ([batch, n] codes for pooled list features) -> [batch, dim] float32."""
+        x = np.concatenate([pool_mean(t, features[f]) if f in self.pooled else t[np.asarray(features[f]).reshape(-1)]
+                            for f, t in zip(self.features, self.tables)], axis=1)
         for w, b, activation in zip(self.kernels, self.biases, self.activations):
             x = rowwise_matmul(x, w) + b
             if activation == "relu":
@@ -164,8 +200,14 @@ class QueryTower(ArrayOperator, PredictTensorflow):
             self.load_artifacts()
         if self._numpy is not None:
             return self._numpy.embed(features)
-        inputs = {name: tf.convert_to_tensor(np.asarray(features[name]).reshape(-1).astype(np.int32, copy=False))
-                  for name in self._input_names}
+        inputs = {}
+        for name in self._input_names:
+            if name.endswith(RAGGED_SUFFIXES):  # a list feature: padded codes -> merlin's values/offsets
+                base, part = name.rsplit("__", 1)
+                values, offsets = ragged_codes(features[base])
+                inputs[name] = tf.convert_to_tensor(values if part == "values" else offsets)
+            else:
+                inputs[name] = tf.convert_to_tensor(np.asarray(features[name]).reshape(-1).astype(np.int32, copy=False))
         return self._signature(**inputs)[self._output_key].numpy()
 
     def run(self, columns: dict) -> dict:
