@@ -278,6 +278,9 @@ class EvalConfig:
         segment: user features whose raw values define the segments of the "popular within
             segment" baseline of the cold-start table; "name/10" buckets a number by tens (age
             decades). Features the data does not have are left out.
+        cold_history: the second cold-start table gives each new user's first N positives (time
+            order where there is a timestamp) as their history and looks for the rest (users with
+            more than N positives); ALS folds the same N in. 0: no second table.
     """
 
     seeds: int = 3
@@ -288,8 +291,10 @@ class EvalConfig:
     confidence: float = 0.95
     als_budget_s: float = 600.0
     segment: tuple[str, ...] = ("user_gender", "user_age")
+    cold_history: int = 5
 
     def __post_init__(self) -> None:
+        _check(0 <= self.cold_history <= MAX_HISTORY, f"eval.cold_history must be in [0, {MAX_HISTORY}], got {self.cold_history}")
         _check(self.seeds >= 1, f"eval.seeds must be >= 1, got {self.seeds}")
         _check(self.max_users is None or self.max_users >= 1, f"eval.max_users must be >= 1 or null, got {self.max_users}")
         _check(0.0 < self.tune_fraction < 1.0, f"eval.tune_fraction must be in (0, 1), got {self.tune_fraction}")

@@ -35,11 +35,12 @@ def compile_query_tower(encoder: tf.keras.Model, probe: dict[str, np.ndarray]) -
 
     Args:
         encoder: the trained query encoder.
-        probe: feature name -> [n] encoded values, used to find the concatenation order and to
+        probe: feature name -> [n] encoded values (a `train.history.Ragged` of item codes for the
+            history), used to find the concatenation order and to
             check the compiled tower against TensorFlow.
 
     Returns:
-        arrays for `np.savez`: `features` (concatenation order), `table_<name>`, `kernel_<i>`,
+        arrays for `np.savez`: `features` (concatenation order), `pooled` (list features, mean-pooled), `table_<name>`, `kernel_<i>`,
         `bias_<i>`, `activations`, `l2_norm`.
 
     Raises:
@@ -47,24 +48,35 @@ def compile_query_tower(encoder: tf.keras.Model, probe: dict[str, np.ndarray]) -
     """
     from merlin.models.tf.inputs.embedding import EmbeddingTable
 
+    from ensemble.ops.tower import NumpyTower, pool_mean
+    from train.history import Ragged
+
     input_block, *rest = encoder.blocks
-    tables = {}
+    tables, pooled = {}, set()
     stack = [input_block]
     while stack:
         layer = stack.pop()
         if isinstance(layer, EmbeddingTable):
             tables[layer.name] = layer.table.embeddings.numpy()
+            if layer.sequence_combiner is not None:
+                if layer.sequence_combiner != "mean":
+                    raise ArtifactError(f"query tower list feature {layer.name} pools by {layer.sequence_combiner!r}; only 'mean' compiles")
+                pooled.add(layer.name)
         stack.extend(getattr(layer, "parallel_layers", {}).values() if isinstance(getattr(layer, "parallel_layers", None), dict) else _layers(layer))
     if set(tables) != set(probe):
         raise ArtifactError(f"query tower tables {sorted(tables)} do not match its inputs {sorted(probe)}")
 
-    inputs = {k: tf.constant(v) for k, v in probe.items()}
+    inputs = {k: tf.RaggedTensor.from_row_splits(tf.constant(v.values.astype(np.int32)), tf.constant(v.offsets))
+              if isinstance(v, Ragged) else tf.constant(v) for k, v in probe.items()}
+    width = max([int(v.lengths.max(initial=0)) for v in probe.values() if isinstance(v, Ragged)] + [1])
+    padded = {k: v.padded(width, 0) if isinstance(v, Ragged) else v for k, v in probe.items()}
     concat = input_block(encoder._prepare_features(inputs)).numpy()  # noqa: SLF001 - the encoder's own preprocessing
+    looked_up = {name: pool_mean(table, padded[name]) if name in pooled else table[padded[name]] for name, table in tables.items()}
     order, offset = [], 0
     for _ in tables:
         for name, table in tables.items():
             width = table.shape[1]
-            if name not in order and np.allclose(concat[:, offset : offset + width], table[probe[name]], atol=1e-7):
+            if name not in order and np.allclose(concat[:, offset : offset + width], looked_up[name], atol=1e-6):
                 order.append(name)
                 offset += width
                 break
@@ -91,15 +103,14 @@ def compile_query_tower(encoder: tf.keras.Model, probe: dict[str, np.ndarray]) -
     if getattr(encoder, "post", None) is not None and type(encoder.post).__name__ == "L2Norm":
         l2_norm = True
 
-    arrays = {"features": np.array(order), "activations": np.array(activations), "l2_norm": np.array(l2_norm)}
+    arrays = {"features": np.array(order), "pooled": np.array(sorted(pooled), dtype=str), "activations": np.array(activations),
+              "l2_norm": np.array(l2_norm)}
     arrays.update({f"table_{n}": tables[n].astype(np.float32) for n in order})
     arrays.update({f"kernel_{i}": k.astype(np.float32) for i, k in enumerate(kernels)})
     arrays.update({f"bias_{i}": b.astype(np.float32) for i, b in enumerate(biases)})
 
-    from ensemble.ops.tower import NumpyTower
-
     expected = encoder(inputs, training=False).numpy()
-    got = NumpyTower(arrays).embed(probe)
+    got = NumpyTower(arrays).embed(padded)
     error = float(np.abs(got - expected).max())
     if error > TOLERANCE:
         raise ArtifactError(f"compiled query tower differs from TensorFlow by {error:.2e} (> {TOLERANCE})")

@@ -21,6 +21,7 @@ from common.progress import progress_bar
 
 LOG = logging.getLogger(__name__)
 
+DATA_DIR = "data"  # the data stage's folder inside a run's work folder
 TRAIN_FILE = "train.parquet"
 VALID_FILE = "valid.parquet"
 TRUTH_FILE = "truth.npz"

@@ -244,6 +244,12 @@ def popularity_scorer(train_counts: sp.csr_matrix) -> Scorer:
 
 def als_scorer(train_counts: sp.csr_matrix, factors: int, regularization: float, alpha: float, iterations: int, seed: int) -> Scorer:
     """Matrix factorization with implicit's ALS (CPU), on the training positives."""
+    model = fit_als(train_counts, factors, regularization, alpha, iterations, seed)
+    return embedding_scorer(np.asarray(model.user_factors), np.asarray(model.item_factors))
+
+
+def fit_als(train_counts: sp.csr_matrix, factors: int, regularization: float, alpha: float, iterations: int, seed: int):
+    """implicit's AlternatingLeastSquares (CPU) fitted on the training positives."""
     from implicit.cpu.als import AlternatingLeastSquares
     from threadpoolctl import threadpool_limits
 
@@ -253,7 +259,7 @@ def als_scorer(train_counts: sp.csr_matrix, factors: int, regularization: float,
             random_state=seed, calculate_training_loss=False,
         )
         model.fit(train_counts.tocsr().astype(np.float32), show_progress=False)
-    return embedding_scorer(np.asarray(model.user_factors), np.asarray(model.item_factors))
+    return model
 
 
 # The ALS grid, likeliest settings first (a time budget may stop it early): (factors, regularization, alpha).
@@ -359,10 +365,11 @@ def save_report(report: dict, out_dir: Path) -> dict[str, Path]:
     losses = [line for line in verdicts(report) if "LOSES TO" in line]
     banner = "".join(f"**WARNING: {line}**\n\n" for line in losses)
     cold = ""
-    if "cold_start" in report:
-        c = report["cold_start"]
-        cold = (f"\n## Cold start: {c['n_users']} users kept out of training, {c.get('history', 'features only')}\n\n"
-                + format_table(c) + "\n\n" + "\n".join(verdicts(c)) + "\n")
+    for key in ("cold_start", "cold_start_history"):
+        if key in report:
+            c = report[key]
+            cold += (f"\n## Cold start: {c['n_users']} users kept out of training, history: {c.get('history', 'none')}\n\n"
+                     + format_table(c) + "\n\n" + "\n".join(verdicts(c)) + "\n")
     paths["md"].write_text(banner + format_table(report) + "\n\n" + "\n".join(verdicts(report)) + "\n" + cold)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, curve in report["recall_curves"].items():

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pandas as pd
 import scipy.sparse as sp
 import tensorflow as tf
@@ -57,6 +59,17 @@ def tower_signature(saved_model_dir: Path) -> dict[str, object]:
     return {"inputs": dict(sorted(inputs.items())), "output": outputs[0]}
 
 
+def write_user_features(users_raw: pd.DataFrame, tables: Tables, item_ids: np.ndarray, n_history: int, path: Path) -> None:
+    """The feature store's table: one row per training user, raw features, and with a history
+    input the user's latest `n_history` training positives as raw item ids, oldest first (list column)."""
+    table = pa.Table.from_pandas(users_raw, preserve_index=False)
+    if n_history:
+        raw = tables.history_rows(n_history).map(lambda rows: item_ids[rows])
+        table = table.append_column(contract.INPUT_HISTORY, pa.ListArray.from_arrays(
+            pa.array(raw.offsets.astype(np.int32)), pa.array(raw.values.astype(np.int64))))
+    pq.write_table(table, path)
+
+
 def export_artifacts(
     cfg: PipelineConfig,
     etl_dir: Path,
@@ -80,18 +93,20 @@ def export_artifacts(
     data = cfg.data
     shutil.copytree(etl_dir / contract.ARTIFACT_WORKFLOW, out_dir / contract.ARTIFACT_WORKFLOW)
     result.model.query_encoder.save(str(out_dir / contract.ARTIFACT_QUERY_TOWER), include_optimizer=False)
-    probe = tower_inputs(tables.users.iloc[: min(len(tables.users), 512)])
+    n_history = cfg.train.history_length
+    probe = tables.query_inputs(n_history, np.arange(min(len(tables.users), 512)))
     compiled = compile_query_tower(result.model.query_encoder, probe)
     save_compiled(compiled, out_dir / contract.ARTIFACT_QUERY_TOWER_COMPILED)
 
     item_emb = encode_in_batches(result.model.candidate_encoder, tower_inputs(tables.items))
-    query_emb = encode_in_batches(result.model.query_encoder, tower_inputs(tables.users))
+    query_emb = encode_in_batches(result.model.query_encoder, tables.query_inputs(n_history))
     items_raw = pd.read_parquet(etl_dir / etl_stage.ITEMS_RAW)
     users_raw = pd.read_parquet(etl_dir / etl_stage.USERS_RAW)
     np.save(out_dir / contract.ARTIFACT_ITEM_EMBEDDINGS, item_emb)
     np.save(out_dir / contract.ARTIFACT_ITEM_IDS, items_raw[data.item_id].to_numpy(dtype=np.int64))
     items_raw.to_parquet(out_dir / contract.ARTIFACT_ITEM_FEATURES, index=False)
-    users_raw.to_parquet(out_dir / contract.ARTIFACT_USER_FEATURES, index=False)
+    write_user_features(users_raw, tables, items_raw[data.item_id].to_numpy(dtype=np.int64), n_history,
+                        out_dir / contract.ARTIFACT_USER_FEATURES)
 
     seen = sp.csr_matrix(
         (np.ones(len(tables.train_pairs[0]), np.float32), tables.train_pairs), shape=(len(tables.users), len(tables.items))
@@ -136,7 +151,7 @@ def export_artifacts(
         "metrics": {name: row for name, row in report["methods"].items()},
         "tensors": {
             "model": contract.MODEL_NAME,
-            "inputs": [contract.INPUT_USER_ID, contract.INPUT_EXCLUDE],
+            "inputs": [contract.INPUT_USER_ID, contract.INPUT_EXCLUDE, *([contract.INPUT_HISTORY] if n_history else [])],
             "outputs": [contract.OUTPUT_ITEM_IDS, contract.OUTPUT_SCORES, contract.OUTPUT_UNKNOWN],
             "dtypes": contract.DTYPES,
         },

@@ -8,15 +8,23 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import shutil
+
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import scipy.sparse as sp
 import tensorflow as tf
 from merlin.io import Dataset
+from merlin.schema import ColumnSchema, Schema, Tags
 
+from common import contract
 from common.config import DataConfig, TrainConfig
 from common.progress import progress_bar
 from train import etl as etl_stage
+from train.data import DATA_DIR, TRAIN_FILE
+from train.history import Ragged, latest_items, previous_items, training_order_key
 from train.evaluate import EvalSet, build_eval_set, interactions_matrix, rank_metrics, top_k
 from train.model import build_two_tower, encode_in_batches, item_probabilities, tower_schemas
 
@@ -40,6 +48,30 @@ class Tables:
     train_pairs: tuple[np.ndarray, np.ndarray]
     valid_pairs: tuple[np.ndarray, np.ndarray]
     seen_pairs: tuple[np.ndarray, np.ndarray] | None = None
+    train_key: np.ndarray | None = None
+
+    def history_rows(self, n: int) -> Ragged:
+        """Each user row's latest `n` training positives as catalogue rows, oldest first."""
+        return latest_items(self.train_pairs[0], self.train_pairs[1], self.train_key, n, len(self.users))
+
+    def history(self, n: int) -> Ragged | None:
+        """The same as item-id codes, the query tower's input (None when n is 0)."""
+        if n == 0:
+            return None
+        codes = self.items[self.item_id_column].to_numpy()
+        return self.history_rows(n).map(lambda rows: codes[rows])
+
+    @property
+    def item_id_column(self) -> str:
+        return self.items.columns[0]
+
+    def query_inputs(self, n: int, rows: np.ndarray | None = None) -> dict:
+        """The query tower's inputs for user rows (all when None), with their history when n > 0."""
+        users = self.users if rows is None else self.users.iloc[rows]
+        history = self.history(n)
+        if history is not None and rows is not None:
+            history = history.take(rows)
+        return query_inputs(users, history)
 
     @functools.cached_property
     def train_counts(self) -> sp.csr_matrix:
@@ -77,8 +109,20 @@ def load_tables(etl_dir: Path, cfg: DataConfig) -> Tables:
         i = _to_rows(item_rows, df[cfg.item_id].to_numpy())
         keep = u >= 0
         pairs[name] = (u[keep], i[keep])
+        if name == etl_stage.TRAIN_DIR:
+            train_item_codes, train_keep = df[cfg.item_id].to_numpy(), keep
     seen = _all_training_pairs(etl_dir, cfg) if cfg.seen == "all" else None
-    return Tables(users, items, pairs[etl_stage.TRAIN_DIR], pairs[etl_stage.VALID_DIR], seen)
+    key = training_order_key(etl_dir.parent / DATA_DIR / TRAIN_FILE, cfg, train_item_codes, item_codes_of_raw(etl_dir, cfg))
+    if key is not None:
+        key = key[train_keep]
+    return Tables(users, items, pairs[etl_stage.TRAIN_DIR], pairs[etl_stage.VALID_DIR], seen, key)
+
+
+def item_codes_of_raw(etl_dir: Path, cfg: DataConfig):
+    """raw item ids -> their item-id codes (-1 for ids outside the catalogue)."""
+    raw = pd.read_parquet(etl_dir / etl_stage.ITEMS_RAW, columns=[cfg.item_id])[cfg.item_id].to_numpy()
+    codes = pd.read_parquet(etl_dir / etl_stage.ITEMS_ENCODED, columns=[cfg.item_id])[cfg.item_id].to_numpy()
+    return lambda ids: np.where((rows := rows_of_raw(raw, np.asarray(ids))) >= 0, codes[rows], -1)
 
 
 def rows_of_raw(sorted_ids: np.ndarray, raw_ids: np.ndarray) -> np.ndarray:
@@ -91,7 +135,7 @@ def rows_of_raw(sorted_ids: np.ndarray, raw_ids: np.ndarray) -> np.ndarray:
 
 def _all_training_pairs(etl_dir: Path, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
     """(user rows, item rows) of every raw training interaction, positive or not (data.seen=all)."""
-    raw = pd.read_parquet(etl_dir.parent / "data" / "train.parquet", columns=[cfg.user_id, cfg.item_id])
+    raw = pd.read_parquet(etl_dir.parent / DATA_DIR / TRAIN_FILE, columns=[cfg.user_id, cfg.item_id])
     users = pd.read_parquet(etl_dir / etl_stage.USERS_RAW, columns=[cfg.user_id])[cfg.user_id].to_numpy()
     items = pd.read_parquet(etl_dir / etl_stage.ITEMS_RAW, columns=[cfg.item_id])[cfg.item_id].to_numpy()
     u = rows_of_raw(users, raw[cfg.user_id].to_numpy())
@@ -102,6 +146,14 @@ def _all_training_pairs(etl_dir: Path, cfg: DataConfig) -> tuple[np.ndarray, np.
 
 def tower_inputs(table: pd.DataFrame) -> dict[str, np.ndarray]:
     return {c: table[c].to_numpy(dtype=np.int32) for c in table.columns}
+
+
+def query_inputs(users: pd.DataFrame, history: Ragged | None) -> dict:
+    """Encoded user columns, plus the history (item codes) under the contract's name when there is one."""
+    inputs = tower_inputs(users)
+    if history is not None:
+        inputs[contract.INPUT_HISTORY] = history
+    return inputs
 
 
 @dataclass
@@ -121,34 +173,42 @@ class TrainResult:
     examples_per_s: float = 0.0
 
 
-def embeddings(model: tf.keras.Model, tables: Tables) -> tuple[np.ndarray, np.ndarray]:
+def embeddings(model: tf.keras.Model, tables: Tables, history_length: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(query embeddings per user row, item embeddings per catalogue row)."""
     return (
-        encode_in_batches(model.query_encoder, tower_inputs(tables.users)),
+        encode_in_batches(model.query_encoder, tables.query_inputs(history_length)),
         encode_in_batches(model.candidate_encoder, tower_inputs(tables.items)),
     )
 
 
-MASKED_DIR = "train_masked"
+PREPARED_DIR = "train_prepared"
 
 
-def mask_training_rows(etl_dir: Path, data_cfg: DataConfig, cfg: TrainConfig) -> Path:
-    """The encoded training positives with user ids and user features masked (cold-start rows).
+def prepare_training_rows(etl_dir: Path, data_cfg: DataConfig, cfg: TrainConfig, key: np.ndarray | None = None) -> Path:
+    """The encoded training positives as the model trains on them: masked, with their history.
 
-    A `mask_user_id` share of rows gets the unknown-id code (OOV_OFFSET) as user id; in a
-    `mask_features` share, each user feature independently gets the missing-value code
-    (NULL_OFFSET), and in as many again the unseen-value code (OOV_OFFSET). These are the codes
-    the served workflow gives a new user's id, a feature not sent and a value training never saw,
-    so the embedding rows they select are trained rather than left at their initial values.
-    Seeded by cfg.seed. Returns the training folder to read (the unmasked one when both shares are 0).
+    Masking (cold-start rows): a `mask_user_id` share of rows gets the unknown-id code
+    (OOV_OFFSET) as user id; in a `mask_features` share, each user feature independently gets
+    the missing-value code (NULL_OFFSET), and in as many again the unseen-value code (OOV_OFFSET).
+    These are the codes the served workflow gives a new user's id, a feature not sent and a value
+    training never saw, so the embedding rows they select are trained rather than left at their
+    initial values. Seeded by cfg.seed.
+
+    History (`history_length` > 0): each row gets the list column `history_item_ids`, the item
+    codes of the same user's `history_length` positives before it (by `key`, the time, else row
+    order), computed on the real user ids before any masking.
+
+    Returns the training folder to read (the ETL's own when there is nothing to add).
     """
     from nvtabular.ops.categorify import NULL_OFFSET, OOV_OFFSET
 
     source = etl_dir / etl_stage.TRAIN_DIR
-    if cfg.mask_user_id == 0 and cfg.mask_features == 0:
+    if cfg.mask_user_id == 0 and cfg.mask_features == 0 and cfg.history_length == 0:
         return source
-    dataset = Dataset(str(source), engine="parquet")
     frame = etl_stage.read_encoded(source)
+    history = None
+    if cfg.history_length:
+        history = previous_items(frame[data_cfg.user_id].to_numpy(), frame[data_cfg.item_id].to_numpy(), key, cfg.history_length)
     rng = np.random.default_rng(cfg.seed + 7)
     n = len(frame)
     ids = frame[data_cfg.user_id].to_numpy()
@@ -159,11 +219,35 @@ def mask_training_rows(etl_dir: Path, data_cfg: DataConfig, cfg: TrainConfig) ->
         values = np.where(draw < cfg.mask_features, NULL_OFFSET, values)
         values = np.where((draw >= cfg.mask_features) & (draw < 2 * cfg.mask_features), OOV_OFFSET, values)
         frame[name] = values.astype(frame[name].dtype)
-    out = etl_dir / MASKED_DIR
-    Dataset(frame, schema=dataset.schema).to_parquet(str(out), output_files=1)
-    LOG.info("masked training rows: user id %.0f%%, each user feature %.0f%% missing + %.0f%% unseen (%d rows)",
-             100 * cfg.mask_user_id, 100 * cfg.mask_features, 100 * cfg.mask_features, n)
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    if history is not None:
+        lists = pa.ListArray.from_arrays(pa.array(history.offsets.astype(np.int32)), pa.array(history.values.astype(np.int32)))
+        table = table.append_column(contract.INPUT_HISTORY, lists)
+    out = etl_dir / PREPARED_DIR
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    pq.write_table(table, out / "part_0.parquet")
+    LOG.info("training rows: user id masked in %.0f%%, each user feature %.0f%% missing + %.0f%% unseen, history of up to %d positives (%d rows)",
+             100 * cfg.mask_user_id, 100 * cfg.mask_features, 100 * cfg.mask_features, cfg.history_length, n)
     return out
+
+
+def history_column(item_id: ColumnSchema) -> ColumnSchema:
+    """The schema of the history list column: the item id's codes and domain, a user-side sequence."""
+    return ColumnSchema(contract.INPUT_HISTORY, dtype=np.int32, tags=[Tags.USER, Tags.SEQUENCE],
+                        properties=dict(item_id.properties), is_list=True, is_ragged=True)
+
+
+def training_dataset(etl_dir: Path, data_cfg: DataConfig, cfg: TrainConfig, key: np.ndarray | None) -> Dataset:
+    """The prepared training rows as a merlin Dataset whose schema holds only the towers' columns."""
+    source_schema = Dataset(str(etl_dir / etl_stage.TRAIN_DIR), engine="parquet").schema
+    user_schema, item_schema = tower_schemas(source_schema)
+    train = Dataset(str(prepare_training_rows(etl_dir, data_cfg, cfg, key)), engine="parquet")
+    schema = user_schema + item_schema
+    if cfg.history_length:
+        schema = schema + Schema([history_column(item_schema[data_cfg.item_id])])
+    train.schema = schema
+    return train
 
 
 class _StepProgress(tf.keras.callbacks.Callback):
@@ -187,9 +271,8 @@ def train_two_tower(cfg: TrainConfig, data_cfg: DataConfig, etl_dir: Path, table
         tune: the tuning users (see train.evaluate.split_tune_eval), never the reported ones.
     """
     tf.keras.utils.set_random_seed(cfg.seed)
-    train = Dataset(str(mask_training_rows(etl_dir, data_cfg, cfg)), engine="parquet")
-    user_schema, item_schema = tower_schemas(train.schema)
-    train.schema = user_schema + item_schema
+    train = training_dataset(etl_dir, data_cfg, cfg, tables.train_key)
+    item_schema = train.schema.select_by_tag(Tags.ITEM)
     probs = None
     if cfg.logq_correction > 0:
         cardinality = int(item_schema[data_cfg.item_id].int_domain.max) + 1
@@ -197,7 +280,7 @@ def train_two_tower(cfg: TrainConfig, data_cfg: DataConfig, etl_dir: Path, table
         probs = item_probabilities(codes, cardinality)
     model = build_two_tower(train.schema, cfg, probs)
     k = cfg.eval_ks[0]
-    tune_users = tables.users.iloc[tune.user_rows]
+    tune_inputs = tables.query_inputs(cfg.history_length, tune.user_rows)
 
     result = TrainResult(model=model)
     best_recall, best_weights, waited, fit_seconds = -1.0, None, 0, 0.0
@@ -209,7 +292,7 @@ def train_two_tower(cfg: TrainConfig, data_cfg: DataConfig, etl_dir: Path, table
             hist = model.fit(train, batch_size=cfg.batch_size, epochs=1, verbose=0, shuffle=True, callbacks=callbacks)
         seconds = time.perf_counter() - started
         fit_seconds += seconds
-        queries = encode_in_batches(model.query_encoder, tower_inputs(tune_users))
+        queries = encode_in_batches(model.query_encoder, tune_inputs)
         items = encode_in_batches(model.candidate_encoder, tower_inputs(tables.items))
         scorer = lambda rows, q=queries: q[np.searchsorted(tune.user_rows, rows)] @ items.T  # noqa: E731
         recall = rank_metrics(top_k(scorer, tune, k), tune, (k,))[f"recall@{k}"]

@@ -18,6 +18,8 @@ from merlin.models.tf.outputs.sampling.base import Candidate
 from merlin.models.tf.outputs.sampling.in_batch import InBatchSamplerV2
 from merlin.models.tf.outputs.contrastive import ContrastiveOutput
 from merlin.models.tf.outputs.base import DotProduct
+from merlin.models.tf.core.combinators import ParallelBlock
+from merlin.models.tf.inputs.embedding import EmbeddingTable
 from merlin.schema import Schema, Tags
 
 from common.config import TrainConfig
@@ -62,11 +64,29 @@ def item_probabilities(item_ids: np.ndarray, cardinality: int) -> np.ndarray:
     return (counts / counts.sum()).astype(np.float32)
 
 
-def _encoder(schema: Schema, sizes: tuple[int, ...], cfg: TrainConfig) -> mm.Encoder:
+def _encoder(schema: Schema, sizes: tuple[int, ...], cfg: TrainConfig, embeddings: ParallelBlock | None = None) -> mm.Encoder:
     categorical = schema.select_by_tag(Tags.CATEGORICAL)
-    inputs = mm.InputBlockV2(schema, categorical=mm.Embeddings(categorical, dim=cfg.embedding_dim))
+    embeddings = embeddings or mm.Embeddings(categorical, dim=cfg.embedding_dim)
+    inputs = mm.InputBlockV2(schema, categorical=embeddings)
     mlp = mm.MLPBlock(list(sizes), no_activation_last_layer=True, dropout=cfg.dropout or None)
     return mm.Encoder(inputs, mlp, post=mm.L2Norm())
+
+
+def _query_embeddings(user_schema: Schema, item_table: EmbeddingTable, dim: int) -> ParallelBlock:
+    """One table per categorical user column, plus the history pooled over the item tower's id table.
+
+    The history's `EmbeddingTable` wraps the item id's Keras `Embedding` layer (`table=`): one
+    variable, moved by both towers, so a clicked item pulls the queries of whoever clicked it
+    towards where the item tower put it. Its "mean" combiner takes merlin's ragged list input
+    (`tf.nn.safe_embedding_lookup_sparse`: an empty history pools to zeros). The block's schema
+    must name the history column too, or the ParallelBlock filters it out of its inputs.
+    """
+    categorical = user_schema.select_by_tag(Tags.CATEGORICAL)
+    history = user_schema.select_by_tag(Tags.SEQUENCE)
+    tables = {col.name: EmbeddingTable(dim, col, name=col.name) for col in categorical}
+    for col in history:
+        tables[col.name] = EmbeddingTable(dim, col, table=item_table.table, sequence_combiner="mean", name=col.name)
+    return ParallelBlock(tables, name="embeddings", schema=categorical + history)
 
 
 def tower_schemas(schema: Schema) -> tuple[Schema, Schema]:
@@ -83,8 +103,13 @@ def build_two_tower(schema: Schema, cfg: TrainConfig, item_probs: np.ndarray | N
         item_probs: [item cardinality] needed when cfg.logq_correction > 0.
     """
     user_schema, item_schema = tower_schemas(schema)
-    query = _encoder(user_schema, cfg.query_mlp, cfg)
-    candidate = _encoder(item_schema, cfg.item_mlp, cfg)
+    item_embeddings = mm.Embeddings(item_schema.select_by_tag(Tags.CATEGORICAL), dim=cfg.embedding_dim)
+    candidate = _encoder(item_schema, cfg.item_mlp, cfg, item_embeddings)
+    query_embeddings = None
+    if user_schema.select_by_tag(Tags.SEQUENCE):
+        item_id = item_schema.select_by_tag(Tags.ITEM_ID).first.name
+        query_embeddings = _query_embeddings(user_schema, item_embeddings.parallel_dict[item_id], cfg.embedding_dim)
+    query = _encoder(user_schema, cfg.query_mlp, cfg, query_embeddings)
     if cfg.logq_correction > 0:
         if item_probs is None:
             raise ValueError("logQ correction needs item_probs")
@@ -111,7 +136,8 @@ def encode_in_batches(encoder: tf.keras.Model, features: dict[str, np.ndarray], 
 
     Args:
         encoder: a query or candidate `Encoder`.
-        features: column name -> [n] int32 encoded values.
+        features: column name -> [n] int32 encoded values, or a `train.history.Ragged` of item
+            codes for a list column (the history).
 
     Returns:
         [n, dim] float32 embeddings.
@@ -119,6 +145,13 @@ def encode_in_batches(encoder: tf.keras.Model, features: dict[str, np.ndarray], 
     n = len(next(iter(features.values())))
     out = []
     for start in range(0, n, batch_size):
-        batch = {k: tf.constant(v[start : start + batch_size]) for k, v in features.items()}
+        batch = {k: _batch_tensor(v, start, min(start + batch_size, n)) for k, v in features.items()}
         out.append(encoder(batch, training=False).numpy())
     return np.concatenate(out).astype(np.float32) if out else np.zeros((0, 0), np.float32)
+
+
+def _batch_tensor(values, start: int, stop: int) -> tf.Tensor | tf.RaggedTensor:
+    if isinstance(values, np.ndarray):
+        return tf.constant(values[start:stop])
+    rows = values.slice(start, stop)  # a train.history.Ragged
+    return tf.RaggedTensor.from_row_splits(tf.constant(rows.values.astype(np.int32)), tf.constant(rows.offsets))

@@ -13,20 +13,20 @@ import pandas as pd
 
 from common.config import PipelineConfig
 from train import etl as etl_stage
-from train.coldstart import ColdUsers, cold_start_report, load_cold_users
-from train.data import COLD_FILE, TRUTH_FILE, Truth, prepare_data
+from train.coldstart import ColdUsers, cold_history_report, cold_start_report, load_cold_users
+from train.data import COLD_FILE, DATA_DIR, TRUTH_FILE, Truth, prepare_data
 from train.evaluate import (
-    EvalSet, Scorer, als_scorer, embedding_scorer, evaluate_methods, format_table,
+    EvalSet, Scorer, als_scorer, embedding_scorer, evaluate_methods, fit_als, format_table,
     popularity_scorer, random_scorer, split_tune_eval, tuned_als_scorer, verdicts,
 )
 from train.export import export_artifacts, prepare_output
-from train.fit import Tables, embeddings, load_tables, tower_inputs, train_two_tower
+from train.fit import Tables, embeddings, load_tables, train_two_tower
+from train.history import padded_inputs
 from train.model import encode_in_batches
 from train.stages import StageRecorder
 
 LOG = logging.getLogger(__name__)
 
-DATA_DIR = "data"
 ETL_DIR = "etl"
 
 
@@ -95,10 +95,25 @@ def evaluate_all(cfg: PipelineConfig, report_users: EvalSet, model_embeddings: l
 
 
 def cold_start(cfg: PipelineConfig, work_dir: Path, tables: Tables, cold: ColdUsers, queries: list[np.ndarray],
-               items: list[np.ndarray]) -> dict:
-    """The cold-start table of the users kept out of training (see train.coldstart)."""
+               items: list[np.ndarray], history_queries: list[np.ndarray], als_params: dict) -> tuple[dict, dict | None]:
+    """The cold-start tables of the users kept out of training (see train.coldstart): features only,
+    and with their first positives as history (None without `eval.cold_history` or such users)."""
     warm_raw = pd.read_parquet(work_dir / ETL_DIR / etl_stage.USERS_RAW)
-    return cold_start_report(cold, queries, items, tables.train_counts, warm_raw, cfg.eval, tuple(cfg.train.eval_ks), cfg.data.seed)
+    ks, counts = tuple(cfg.train.eval_ks), tables.train_counts
+    features_only = cold_start_report(cold, queries, items, counts, warm_raw, cfg.eval, ks, cfg.data.seed)
+    if cold.later is None or cold.later.n_users == 0:
+        return features_only, None
+    params = {k: v for k, v in als_params.items() if k != "settings_tried"}
+    als = fit_als(counts, seed=cfg.train.seed, **params)
+    with_history = cold_history_report(cold, history_queries, items, counts, warm_raw, als, cfg.train.history_length > 0,
+                                       cfg.eval, ks, cfg.data.seed)
+    return features_only, with_history
+
+
+def add_cold_start(report: dict, features_only: dict, with_history: dict | None) -> None:
+    report["cold_start"] = features_only
+    if with_history is not None:
+        report["cold_start_history"] = with_history
 
 
 def log_report(report: dict, cfg: PipelineConfig) -> None:
@@ -110,6 +125,11 @@ def log_report(report: dict, cfg: PipelineConfig) -> None:
         LOG.info("cold start: %d new users, features only:\n%s", cold["n_users"], format_table(cold))
         for line in verdicts(cold, cfg.train.eval_ks[0]):
             LOG.info("cold start: %s", line)
+    if "cold_start_history" in report:
+        cold = report["cold_start_history"]
+        LOG.info("cold start: %d new users, history = %s:\n%s", cold["n_users"], cold["history"], format_table(cold))
+        for line in verdicts(cold, cfg.train.eval_ks[0]):
+            LOG.info("cold start with history: %s", line)
 
 
 def evaluate_artifacts(work_dir: str | Path, artifacts_dir: str | Path, out_dir: str | Path | None = None) -> dict:
@@ -131,14 +151,17 @@ def evaluate_artifacts(work_dir: str | Path, artifacts_dir: str | Path, out_dir:
     tables = load_tables(work / ETL_DIR, cfg.data)
     with np.load(artifacts / contract.ARTIFACT_QUERY_TOWER_COMPILED) as arrays:
         tower = NumpyTower({k: arrays[k] for k in arrays.files})
-    queries = tower.embed(tower_inputs(tables.users))
+    n_history = cfg.train.history_length
+    queries = tower.embed(padded_inputs(tables.query_inputs(n_history), n_history))
     items = np.load(artifacts / contract.ARTIFACT_ITEM_EMBEDDINGS)[: len(tables.items)]
     tune, report_users = evaluation_users(cfg, tables)
     baselines, als_params = baseline_scorers(cfg, work, tables, tune)
     report = evaluate_all(cfg, report_users, [(queries, items)], baselines, als_params, tune.n_users)
-    cold = load_cold_users(work / DATA_DIR / COLD_FILE, work / ETL_DIR, cfg.data)
+    cold = load_cold_users(work / DATA_DIR / COLD_FILE, work / ETL_DIR, cfg.data, cfg.eval.cold_history)
     if cold is not None:
-        report["cold_start"] = cold_start(cfg, work, tables, cold, [tower.embed(tower_inputs(cold.encoded))], [items])
+        add_cold_start(report, *cold_start(
+            cfg, work, tables, cold, [tower.embed(padded_inputs(cold.query_inputs(n_history, False), n_history))], [items],
+            [tower.embed(padded_inputs(cold.query_inputs(n_history, True), n_history))], als_params))
     log_report(report, cfg)
     save_report(report, Path(out_dir) if out_dir else artifacts)
     return report
@@ -171,18 +194,20 @@ def run_training(cfg: PipelineConfig, work_dir: str | Path, out_dir: str | Path,
     with stages.stage("tables and users", "positives") as s:
         tables = load_tables(work / ETL_DIR, cfg.data)
         tune, report_users = evaluation_users(cfg, tables)
-        cold = load_cold_users(work / DATA_DIR / COLD_FILE, work / ETL_DIR, cfg.data)
+        cold = load_cold_users(work / DATA_DIR / COLD_FILE, work / ETL_DIR, cfg.data, cfg.eval.cold_history)
         s.rows = len(tables.train_pairs[0]) + len(tables.valid_pairs[0])
-    model_embeddings, cold_queries, first = [], [], None
+    model_embeddings, cold_queries, cold_history_queries, first = [], [], [], None
+    n_history = cfg.train.history_length
     for i in range(cfg.eval.seeds):
         train_cfg = dataclasses.replace(cfg.train, seed=cfg.train.seed + i)
         with stages.stage(f"training (seed {train_cfg.seed})", "examples") as s:
             result = train_two_tower(train_cfg, cfg.data, work / ETL_DIR, tables, tune)
             s.rows = int(round(result.examples_per_s * sum(h["seconds"] for h in result.history)))
         with stages.stage(f"embeddings (seed {train_cfg.seed})", "users+items") as s:
-            model_embeddings.append(embeddings(result.model, tables))
+            model_embeddings.append(embeddings(result.model, tables, n_history))
             if cold is not None:
-                cold_queries.append(encode_in_batches(result.model.query_encoder, tower_inputs(cold.encoded)))
+                cold_queries.append(encode_in_batches(result.model.query_encoder, cold.query_inputs(n_history, False)))
+                cold_history_queries.append(encode_in_batches(result.model.query_encoder, cold.query_inputs(n_history, True)))
             s.rows = len(tables.users) + len(tables.items)
         if first is None:
             first = result
@@ -194,7 +219,8 @@ def run_training(cfg: PipelineConfig, work_dir: str | Path, out_dir: str | Path,
     with stages.stage("evaluation", "users") as s:
         report = evaluate_all(cfg, report_users, model_embeddings, baselines, als_params, tune.n_users)
         if cold is not None:
-            report["cold_start"] = cold_start(cfg, work, tables, cold, cold_queries, [items for _, items in model_embeddings])
+            add_cold_start(report, *cold_start(cfg, work, tables, cold, cold_queries, [items for _, items in model_embeddings],
+                                               cold_history_queries, als_params))
         s.rows = report_users.n_users * sum(len(v) if isinstance(v, list) else 1 for v in baselines.values()) + report_users.n_users * len(model_embeddings)
     log_report(report, cfg)
     with stages.stage("export and index", "items") as s:

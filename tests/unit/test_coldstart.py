@@ -14,7 +14,7 @@ from common.errors import ConfigError
 from train import etl
 from train.coldstart import load_cold_users, segment_popularity_scorer
 from train.data import COLD_FILE, remove_cold_users
-from train.fit import mask_training_rows
+from train.fit import prepare_training_rows
 
 
 def test_cold_users_leave_both_splits_with_every_interaction():
@@ -54,7 +54,7 @@ def test_masking_trains_the_unknown_and_missing_rows(trained, tiny_cfg, tmp_path
     # Nothing in the encoded training data uses the null or unknown codes on its own.
     assert (original[["user_id", *tiny_cfg.data.user_features]].to_numpy() > OOV_OFFSET).all()
     cfg = TrainConfig(mask_user_id=0.3, mask_features=0.1, seed=1)
-    masked = etl.read_encoded(mask_training_rows(etl_dir, tiny_cfg.data, cfg))
+    masked = etl.read_encoded(prepare_training_rows(etl_dir, tiny_cfg.data, cfg))
     assert len(masked) == len(original)
     assert abs((masked.user_id == OOV_OFFSET).mean() - 0.3) < 0.03
     for name in tiny_cfg.data.user_features:
@@ -64,7 +64,7 @@ def test_masking_trains_the_unknown_and_missing_rows(trained, tiny_cfg, tmp_path
     assert (masked.user_id[kept] == original.user_id[kept]).all()
     pd.testing.assert_frame_equal(masked[["item_id", "click"]], original[["item_id", "click"]])
     off = TrainConfig(mask_user_id=0.0, mask_features=0.0)
-    assert mask_training_rows(etl_dir, tiny_cfg.data, off) == etl_dir / etl.TRAIN_DIR
+    assert prepare_training_rows(etl_dir, tiny_cfg.data, off) == etl_dir / etl.TRAIN_DIR
 
 
 def test_segment_popularity_by_hand():

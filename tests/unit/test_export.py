@@ -138,4 +138,7 @@ def test_make_eval_scores_the_served_model_like_training_did(trained, tmp_path):
     assert report["methods"]["two_tower"]["recall@10"] == pytest.approx(first_seed, abs=0.01)
     assert report["methods"]["popular"] == training["methods"]["popular"]
     assert report["cold_start"]["n_users"] == training["cold_start"]["n_users"]
-    assert (tmp_path / "metrics.md").read_text().count("## Cold start") == 1
+    assert report["cold_start_history"]["n_users"] == training["cold_start_history"]["n_users"] > 0
+    assert set(report["cold_start_history"]["methods"]) == {"two_tower", "popular", "popular_in_segment", "als_fold_in"}
+    # both tables: features only, and the first positives as history
+    assert (tmp_path / "metrics.md").read_text().count("## Cold start") == 2
