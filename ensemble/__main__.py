@@ -37,6 +37,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     mat = sub.add_parser("materialize", help="write an export's user features to a shared Redis feature store")
     mat.add_argument("--artifacts", required=True, type=Path)
     mat.add_argument("--redis", required=True, help="redis://host:port/db")
+    click = sub.add_parser(
+        "append-click", help="append clicks to a user's history in the Redis feature store (no retraining)",
+        description="Appends item ids to a user's stored history in the shared Redis store (the latest "
+                    "train.history_length kept, atomically); the next request for that user sees them. The "
+                    "embedded store is the exported table itself, fixed per version (its sha256 is checked at "
+                    "load): with it, send recent clicks in the request's history_item_ids instead.")
+    click.add_argument("--artifacts", required=True, type=Path, help="the export being served (its manifest names the namespace)")
+    click.add_argument("--redis", required=True, help="redis://host:port/db, as given to materialize")
+    click.add_argument("--user", required=True, type=int, help="raw user id")
+    click.add_argument("--item", required=True, type=int, nargs="+", help="raw item ids, oldest first")
     for name, text in (("deploy", "add the artifacts as the next version and switch the running server to it"),
                        ("rollback", "switch the running server back to the previous version"),
                        ("activate", "switch the running server to a given version")):
@@ -48,6 +58,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         if name == "activate":
             p.add_argument("--version", required=True, type=int)
     return parser.parse_args(argv)
+
+
+def _history_length(manifest: dict) -> int:
+    from common.manifest import artifacts_config
+
+    return artifacts_config(manifest).train.history_length
 
 
 def main(argv=None) -> int:
@@ -74,8 +90,17 @@ def main(argv=None) -> int:
         manifest = read_manifest(args.artifacts)
         cols = manifest["columns"]
         n = materialize(args.redis, store_namespace(manifest), args.artifacts / contract.ARTIFACT_USER_FEATURES,
-                        cols["user_id"], tuple(cols["user_features"]))
+                        cols["user_id"], tuple(cols["user_features"]), history_length=_history_length(manifest))
         print(f"materialized {n} users under {store_namespace(manifest)} in {args.redis}")
+        return 0
+    if args.command == "append-click":
+        from common.manifest import read_manifest
+        from ensemble.loader import store_namespace
+        from ensemble.redis_store import append_click
+
+        manifest = read_manifest(args.artifacts)
+        history = append_click(args.redis, store_namespace(manifest), args.user, args.item)
+        print(f"user {args.user}: history now {history.tolist()} (latest {_history_length(manifest)} kept)")
         return 0
     if args.command in ("deploy", "rollback", "activate"):
         from ensemble import deploy

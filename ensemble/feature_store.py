@@ -2,6 +2,9 @@
 
 `ParquetFeatureStore` is the embedded default: the exported `user_features.parquet` held in
 memory as sorted ids plus one int64 column per feature, looked up with one vectorized search.
+A model with a history input (train.history_length N > 0) also gets each user's stored history:
+the table's list column `history_item_ids` (raw item ids, oldest first), held as one flat array
+of ids with a start and a length per user, cut into [batch, N] rows per lookup.
 """
 
 from __future__ import annotations
@@ -12,13 +15,16 @@ from typing import Protocol
 import numpy as np
 import pandas as pd
 
+from common import contract
 from common.errors import ArtifactError
+from ensemble.history import rows_from_ragged
 
 
 class FeatureStore(Protocol):
     """What the lookup operator needs from a store."""
 
     feature_names: tuple[str, ...]
+    history_length: int
 
     def get(self, user_ids: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """Features of each user.
@@ -28,6 +34,8 @@ class FeatureStore(Protocol):
 
         Returns:
             (feature name -> [n] int64 raw values, [n] bool found). Rows not found hold MISSING.
+            With history_length N > 0 the dict also holds INPUT_HISTORY: [n, N] int64 raw item
+            ids, oldest first, padded at the end with HISTORY_PAD (all padding for users without one).
         """
 
 
@@ -38,16 +46,29 @@ class ParquetFeatureStore:
         path: parquet file holding the id column and the feature columns.
         id_column: the user id column.
         feature_names: feature columns to serve, in this order.
+        history_length: N, the model's history length (0: no history is read or served).
     """
 
-    def __init__(self, path: str | Path, id_column: str, feature_names: tuple[str, ...]):
+    def __init__(self, path: str | Path, id_column: str, feature_names: tuple[str, ...], history_length: int = 0):
+        import pyarrow.parquet as pq
+
         from ensemble.ops import MISSING
 
         self.path = Path(path)
         self.feature_names = tuple(feature_names)
+        self.history_length = int(history_length)
+        columns = [id_column, *self.feature_names]
+        if self.history_length:
+            columns.append(contract.INPUT_HISTORY)
         try:
-            table = pd.read_parquet(self.path, columns=[id_column, *self.feature_names])
+            arrow = pq.read_table(self.path, columns=columns)
+            table = arrow.select(columns[: 1 + len(self.feature_names)]).to_pandas()
         except (OSError, ValueError, KeyError) as e:
+            if self.history_length and contract.INPUT_HISTORY not in _parquet_columns(self.path):
+                raise ArtifactError(
+                    f"{self.path} has no {contract.INPUT_HISTORY!r} column, and the model takes each user's latest "
+                    f"{self.history_length} items (train.history_length); export it again with this training code"
+                ) from None
             raise ArtifactError(f"cannot read user features from {self.path}: {e}") from e
         table = table.sort_values(id_column, kind="stable")
         ids = table[id_column].to_numpy(dtype=np.int64)
@@ -58,6 +79,8 @@ class ParquetFeatureStore:
         self._columns = {
             name: np.append(table[name].to_numpy(dtype=np.int64), np.int64(MISSING)) for name in self.feature_names
         }
+        if self.history_length:
+            self._history = _read_history(arrow.column(contract.INPUT_HISTORY), table.index.to_numpy(), self.path)
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -68,4 +91,33 @@ class ParquetFeatureStore:
         pos_c = np.minimum(pos, max(len(self._ids) - 1, 0))
         found = (pos < len(self._ids)) & (self._ids[pos_c] == ids) if len(self._ids) else np.zeros(len(ids), bool)
         rows = np.where(found, pos_c, len(self._ids))
-        return {name: col[rows] for name, col in self._columns.items()}, found
+        out = {name: col[rows] for name, col in self._columns.items()}
+        if self.history_length:
+            values, starts, lengths = self._history
+            out[contract.INPUT_HISTORY] = rows_from_ragged(values, starts[rows], lengths[rows], self.history_length)
+        return out, found
+
+
+def _parquet_columns(path: Path) -> list[str]:
+    import pyarrow.parquet as pq
+
+    try:
+        return list(pq.read_schema(path).names)
+    except (OSError, ValueError):
+        return []
+
+
+def _read_history(column, order: np.ndarray, path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A parquet list column -> (flat int64 ids, start and length per row in `order`, one more row
+    of length 0 at the end for misses), from the list offsets: no Python loop per row."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if not (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)) or not pa.types.is_integer(column.type.value_type):
+        raise ArtifactError(f"{path}: column {contract.INPUT_HISTORY!r} must be a list of integer item ids, got {column.type}")
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    lengths = pc.fill_null(pc.list_value_length(column), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    # flatten() follows the offsets and skips null lists; a null id inside a list becomes padding.
+    values = pc.fill_null(column.flatten(), contract.HISTORY_PAD).to_numpy(zero_copy_only=False).astype(np.int64)
+    starts = np.cumsum(lengths) - lengths
+    return values, np.append(starts[order], 0), np.append(lengths[order], 0)

@@ -9,6 +9,10 @@ one MGET per batch on the request path.
 Layout: `<namespace>:u:<user_id>` -> the user's raw feature values as little-endian int64, in
 the order of `<namespace>:meta`'s "features". The namespace is the artifacts' id, so a new
 export is materialized beside the one being served and a version switch never mixes them.
+A model with a history input (meta's "history_length" N > 0) also has `<namespace>:h:<user_id>`
+-> the user's latest N raw item ids, oldest first, as little-endian int64 (0 to N of them),
+fetched in the same MGET. `append_click` adds clicks to it without retraining: one Lua script
+appends and trims to the latest N atomically, so concurrent clicks never lose one another.
 
 Faults: every call is bounded by a short timeout; an unreachable, frozen or flushed store makes
 the batch fail with FeatureStoreError (the model answers UNAVAILABLE) and never silently serves
@@ -25,7 +29,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from common import contract
 from common.errors import ArtifactError, FeatureStoreError
+from ensemble.history import rows_from_ragged
 
 LOG = logging.getLogger(__name__)
 
@@ -38,20 +44,81 @@ def _client(url: str, timeout_s: float = 5.0):
     return redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
 
 
-def materialize(url: str, namespace: str, table_path: Path, id_column: str, feature_names: tuple[str, ...]) -> int:
-    """Writes every user's features to Redis; the meta key goes last, so a reader sees all or nothing."""
+# KEYS[1]: the namespace's meta key, KEYS[2]: the user's history key; ARGV[1]: the new ids as
+# little-endian int64 bytes, ARGV[2]: the most bytes to keep (8 x N). Returns the ids now stored,
+# or -1 when the namespace was never materialized (or was flushed). Atomic: Redis runs a script alone.
+APPEND_SCRIPT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+local v = (redis.call('GET', KEYS[2]) or '') .. ARGV[1]
+local most = tonumber(ARGV[2])
+if #v > most then v = string.sub(v, #v - most + 1) end
+redis.call('SET', KEYS[2], v)
+return #v / 8
+"""
+
+
+def materialize(url: str, namespace: str, table_path: Path, id_column: str, feature_names: tuple[str, ...],
+                history_length: int = 0) -> int:
+    """Writes every user's features (and, with history_length N > 0, their latest N items) to Redis;
+    the meta key goes last, so a reader sees all or nothing."""
+    from ensemble.feature_store import ParquetFeatureStore
+
     table = pd.read_parquet(table_path, columns=[id_column, *feature_names])
     client = _client(url)
     ids = table[id_column].to_numpy(np.int64)
     values = table[list(feature_names)].to_numpy(np.int64)
+    # The embedded store's reader: the same checks, the same rows (the latest N, padded).
+    store = ParquetFeatureStore(table_path, id_column, tuple(feature_names), history_length) if history_length else None
     for start in range(0, len(ids), CHUNK):
+        chunk = ids[start : start + CHUNK]
+        histories = store.get(chunk)[0][contract.INPUT_HISTORY] if store is not None else None
         pipe = client.pipeline(transaction=False)
-        for uid, row in zip(ids[start : start + CHUNK], values[start : start + CHUNK]):
-            pipe.set(f"{namespace}:u:{int(uid)}", row.astype("<i8").tobytes())
+        for i, uid in enumerate(chunk):
+            pipe.set(f"{namespace}:u:{int(uid)}", values[start + i].astype("<i8").tobytes())
+            if histories is not None:
+                row = histories[i]
+                pipe.set(f"{namespace}:h:{int(uid)}", row[row != contract.HISTORY_PAD].astype("<i8").tobytes())
         pipe.execute()
-    client.set(f"{namespace}:meta", json.dumps({"features": list(feature_names), "users": int(len(ids))}))
-    LOG.info("materialized %d users x %d features into %s under %s", len(ids), len(feature_names), url, namespace)
+    meta = {"features": list(feature_names), "users": int(len(ids)), "history_length": int(history_length)}
+    client.set(f"{namespace}:meta", json.dumps(meta))
+    LOG.info("materialized %d users x %d features%s into %s under %s", len(ids), len(feature_names),
+             f" and their latest {history_length} items" if history_length else "", url, namespace)
     return len(ids)
+
+
+def append_click(url: str, namespace: str, user_id: int, item_ids, timeout_s: float = 5.0) -> np.ndarray:
+    """Appends raw item ids (oldest first) to a user's stored history, keeping the latest N.
+
+    Works for any user id, known in training or not: a new user's clicks are served as their
+    history while they stay `unknown_user` (no stored features).
+
+    Returns:
+        the user's stored history afterwards, [<= N] int64, oldest first.
+
+    Raises:
+        FeatureStoreError: the store cannot be reached, or holds no export under `namespace`.
+        ArtifactError: the export under `namespace` has no history input (history_length 0).
+    """
+    import redis
+
+    items = np.asarray(item_ids, np.int64).reshape(-1)
+    client = _client(url, timeout_s)
+    meta_key, key = f"{namespace}:meta", f"{namespace}:h:{int(user_id)}"
+    try:
+        meta = client.get(meta_key)
+        if meta is None:
+            raise FeatureStoreError(f"{url} holds no features under {namespace} (flushed, or never materialized: "
+                                    "run `python -m ensemble materialize`)")
+        width = int(json.loads(meta).get("history_length", 0))
+        if not width:
+            raise ArtifactError(f"the export under {namespace} in {url} has no history input (train.history_length 0); "
+                                "there is no history to append to")
+        stored = client.eval(APPEND_SCRIPT, 2, meta_key, key, items.astype("<i8").tobytes(), 8 * width)
+        if int(stored) < 0:
+            raise FeatureStoreError(f"{url} lost the export under {namespace} while appending (flushed?)")
+        return np.frombuffer(client.get(key) or b"", dtype="<i8").astype(np.int64)
+    except redis.RedisError as e:
+        raise FeatureStoreError(f"cannot append to {url}: {e}") from None
 
 
 class RedisFeatureStore:
@@ -62,16 +129,20 @@ class RedisFeatureStore:
         namespace: this export's key prefix.
         feature_names: the features the model needs, in order.
         timeout_s: bound of every connect and every answer.
+        history_length: N, the model's history length (0: no history keys are read).
 
     Raises:
-        ArtifactError: at load, the namespace holds other features than the model needs.
+        ArtifactError: at load, the namespace holds other features (or another history length)
+            than the model needs.
     """
 
-    def __init__(self, url: str, namespace: str, feature_names: tuple[str, ...], timeout_s: float = 0.5):
+    def __init__(self, url: str, namespace: str, feature_names: tuple[str, ...], timeout_s: float = 0.5,
+                 history_length: int = 0):
         from ensemble.ops import MISSING
 
         self.url, self.namespace, self.timeout_s = url, namespace, timeout_s
         self.feature_names = tuple(feature_names)
+        self.history_length = int(history_length)
         self._meta_key = f"{namespace}:meta"
         self._client = _client(url, timeout_s)
         self._missing = np.full(len(self.feature_names), MISSING, dtype=np.int64).tobytes()
@@ -99,16 +170,29 @@ class RedisFeatureStore:
                 f"{self.url} holds no features under {self.namespace} (flushed, or never materialized: "
                 "run `python -m ensemble materialize`)"
             )
-        stored = tuple(json.loads(meta)["features"])
+        meta = json.loads(meta)
+        stored = tuple(meta["features"])
         if stored != self.feature_names:
             raise ArtifactError(f"{self.url} {self.namespace} holds features {list(stored)}, the model needs {list(self.feature_names)}")
+        history = int(meta.get("history_length", 0))
+        if history != self.history_length:
+            raise ArtifactError(f"{self.url} {self.namespace} holds histories of {history} items, the model takes {self.history_length}")
 
     def get(self, user_ids: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
         ids = np.asarray(user_ids, dtype=np.int64).reshape(-1)
         keys = [self._meta_key, *(f"{self.namespace}:u:{int(u)}" for u in ids)]
+        if self.history_length:
+            keys += [f"{self.namespace}:h:{int(u)}" for u in ids]
         meta, *raw = self._call(lambda: self._client.mget(keys))
         self._check_meta(meta)
-        found = np.array([r is not None for r in raw], dtype=bool)
-        matrix = np.frombuffer(b"".join(r if r is not None else self._missing for r in raw), dtype="<i8")
+        users, histories = raw[: len(ids)], raw[len(ids):]
+        found = np.array([r is not None for r in users], dtype=bool)
+        matrix = np.frombuffer(b"".join(r if r is not None else self._missing for r in users), dtype="<i8")
         matrix = matrix.reshape(len(ids), len(self.feature_names))
-        return {name: matrix[:, i].astype(np.int64) for i, name in enumerate(self.feature_names)}, found
+        out = {name: matrix[:, i].astype(np.int64) for i, name in enumerate(self.feature_names)}
+        if self.history_length:
+            histories = [h or b"" for h in histories]
+            lengths = np.array([len(h) // 8 for h in histories], dtype=np.int64)
+            values = np.frombuffer(b"".join(histories), dtype="<i8")
+            out[contract.INPUT_HISTORY] = rows_from_ragged(values, np.cumsum(lengths) - lengths, lengths, self.history_length)
+        return out, found

@@ -1,6 +1,10 @@
-"""The real tritonserver on free loopback ports, once per session."""
+"""The real tritonserver on free loopback ports, once per session; a real redis-server per module."""
 
 from __future__ import annotations
+
+import shutil
+import subprocess
+import time
 
 import pytest
 
@@ -30,3 +34,30 @@ def client(request, server):
     url = server.grpc_url if request.param == "grpc" else server.http_url
     with RetrievalClient(url, request.param) as c:
         yield c
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory):
+    import redis
+
+    from ensemble.server import free_port
+
+    binary = shutil.which("redis-server")
+    assert binary, "redis-server is not installed (Debian: apt-get install redis-server; .ci/run installs it)"
+    port = free_port()
+    folder = tmp_path_factory.mktemp("redis")
+    process = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                                "--dir", str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    url = f"redis://127.0.0.1:{port}/0"
+    deadline = time.monotonic() + 20
+    while True:
+        assert process.poll() is None, f"redis-server exited with {process.returncode}"
+        try:
+            redis.Redis.from_url(url).ping()
+            break
+        except redis.exceptions.ConnectionError:
+            assert time.monotonic() < deadline, "redis-server did not answer in 20 s"
+            time.sleep(0.1)
+    yield url
+    process.terminate()
+    process.wait(10)

@@ -1,8 +1,6 @@
 """The Redis-backed user lookup (a real redis-server on loopback) equals the embedded one."""
 
 import dataclasses
-import shutil
-import subprocess
 import time
 
 import numpy as np
@@ -13,33 +11,6 @@ from common import contract
 from common.errors import FeatureStoreError
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory):
-    import redis
-
-    from ensemble.server import free_port
-
-    binary = shutil.which("redis-server")
-    assert binary, "redis-server is not installed (Debian: apt-get install redis-server; .ci/run installs it)"
-    port = free_port()
-    folder = tmp_path_factory.mktemp("redis")
-    process = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                                "--dir", str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    url = f"redis://127.0.0.1:{port}/0"
-    deadline = time.monotonic() + 20
-    while True:
-        assert process.poll() is None, f"redis-server exited with {process.returncode}"
-        try:
-            redis.Redis.from_url(url).ping()
-            break
-        except redis.exceptions.ConnectionError:
-            assert time.monotonic() < deadline, "redis-server did not answer in 20 s"
-            time.sleep(0.1)
-    yield url
-    process.terminate()
-    process.wait(10)
 
 
 @pytest.fixture(scope="module")
