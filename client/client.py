@@ -68,14 +68,15 @@ class Recommendations:
                 raise ClientError(f"user {u}: ids outside the catalogue {np.setdiff1d(real, catalogue).tolist()}")
 
 
-def _exclusion_matrix(exclude: Sequence[Sequence[int]] | None, batch: int) -> np.ndarray | None:
-    """Ragged per-user lists -> [batch, n] int64 padded with EXCLUDE_PAD."""
+def _exclusion_matrix(exclude: Sequence[Sequence[int]] | None, batch: int, what: str = "exclude",
+                      pad: int = contract.EXCLUDE_PAD) -> np.ndarray | None:
+    """Ragged per-user lists -> [batch, n] int64 padded with `pad`."""
     if exclude is None:
         return None
     if len(exclude) != batch:
-        raise ClientError(f"exclude must have one list per user: {batch} users, {len(exclude)} lists")
+        raise ClientError(f"{what} must have one list per user: {batch} users, {len(exclude)} lists")
     width = max((len(e) for e in exclude), default=0)
-    out = np.full((batch, max(width, 1)), contract.EXCLUDE_PAD, dtype=np.int64)
+    out = np.full((batch, max(width, 1)), pad, dtype=np.int64)
     for i, items in enumerate(exclude):
         out[i, : len(items)] = np.asarray(items, dtype=np.int64)
     return out
@@ -178,6 +179,7 @@ class RetrievalClient:
         exclude: Sequence[Sequence[int]] | None = None,
         exclude_seen: bool | None = None,
         features: Mapping[str, Sequence[int | None]] | None = None,
+        history: Sequence[Sequence[int]] | None = None,
     ) -> Recommendations:
         """Top-k raw item ids and scores per user.
 
@@ -188,12 +190,17 @@ class RetrievalClient:
             exclude_seen: leave out what each user clicked in training (server default when None).
             features: raw user-feature values, name -> one value per user (None: not given);
                 they replace stored values, and are how a new user's features are sent.
+            history: one list of raw item ids per user, oldest first: their latest interactions,
+                appended to the stored history (models trained with a history input only).
         """
         users = np.asarray(user_ids, dtype=np.int64).reshape(-1, 1)
         inputs = [self._input(contract.INPUT_USER_ID, users)]
         excl = _exclusion_matrix(exclude, len(users))
         if excl is not None:
             inputs.append(self._input(contract.INPUT_EXCLUDE, excl))
+        hist = _exclusion_matrix(history, len(users), "history", contract.HISTORY_PAD)
+        if hist is not None:
+            inputs.append(self._input(contract.INPUT_HISTORY, hist))
         for name, values in (features or {}).items():
             if len(values) != len(users):
                 raise ClientError(f"feature {name!r} needs one value per user: {len(users)} users, {len(values)} values")

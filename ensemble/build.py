@@ -2,6 +2,8 @@
 
 Graph: ["user_id"] >> LookupUserFeatures >> TransformUserFeatures >> QueryTower
        (+ top_k, user_id, exclude_item_ids, exclude_seen) >> SearchItems, plus the unknown flag.
+A model trained with a history (train.history_length N > 0) also takes `history_item_ids`: the
+lookup appends it to the stored history, the transform encodes it with the item id's Categorify.
 
 `RetrievalRuntime` is merlin's `TritonExecutorRuntime` with our executor model: its
 config.pbtxt is written from `common.contract` (batch dimension, dynamic batching, limits as
@@ -40,7 +42,7 @@ VENDORED_PACKAGES = ("common", "ensemble")
 BUILD_DIR = ".build"  # inside the model repository: intermediate files of the build
 
 
-def input_schema(user_features: tuple[str, ...]) -> Schema:
+def input_schema(user_features: tuple[str, ...], history: bool = False) -> Schema:
     """The graph's request columns (one row per user)."""
     return Schema([
         *[ColumnSchema(name, dtype=np.int64) for name in user_features],
@@ -48,7 +50,16 @@ def input_schema(user_features: tuple[str, ...]) -> Schema:
         ColumnSchema(TOP_K, dtype=np.int32),
         ColumnSchema(contract.INPUT_EXCLUDE, dtype=np.int64, dims=(None, None)),
         ColumnSchema(EXCLUDE_SEEN, dtype=np.bool_),
+        *([ColumnSchema(contract.INPUT_HISTORY, dtype=np.int64, dims=(None, None))] if history else []),
     ])
+
+
+def item_id_workflow(workflow: nvt.Workflow, item_id: str) -> nvt.Workflow:
+    """The part of a fitted feature workflow that encodes the item id alone (on a copy:
+    `remove_inputs` edits in place), for the histories' item codes."""
+    import copy
+
+    return copy.deepcopy(workflow).remove_inputs([c for c in workflow.input_schema.column_names if c != item_id])
 
 
 def build_ensemble(artifacts: Path, scratch: Path, cfg: PipelineConfig, manifest: dict) -> Ensemble:
@@ -56,13 +67,18 @@ def build_ensemble(artifacts: Path, scratch: Path, cfg: PipelineConfig, manifest
     from train.etl import user_workflow
 
     data = cfg.data
-    user_wf_dir = scratch / "user_workflow"
-    user_workflow(nvt.Workflow.load(str(artifacts / contract.ARTIFACT_WORKFLOW)), data).save(str(user_wf_dir))
+    history = cfg.train.history_length
+    user_wf_dir, item_wf_dir = scratch / "user_workflow", scratch / "item_id_workflow"
+    workflow = nvt.Workflow.load(str(artifacts / contract.ARTIFACT_WORKFLOW))
+    user_workflow(workflow, data).save(str(user_wf_dir))
+    if history:
+        item_id_workflow(workflow, data.item_id).save(str(item_wf_dir))
 
-    lookup = [contract.INPUT_USER_ID, *data.user_features] >> LookupUserFeatures(
-        artifacts / contract.ARTIFACT_USER_FEATURES, data.user_id, data.user_features
+    lookup = [contract.INPUT_USER_ID, *data.user_features, *([contract.INPUT_HISTORY] if history else [])] >> LookupUserFeatures(
+        artifacts / contract.ARTIFACT_USER_FEATURES, data.user_id, data.user_features, history_length=history
     )
-    encoded = lookup >> TransformUserFeatures(user_wf_dir, passthrough=(contract.OUTPUT_UNKNOWN,))
+    encoded = lookup >> TransformUserFeatures(user_wf_dir, passthrough=(contract.OUTPUT_UNKNOWN,),
+                                              history_workflow_path=item_wf_dir if history else None)
     query = encoded >> QueryTower(
         artifacts / contract.ARTIFACT_QUERY_TOWER, artifacts / contract.ARTIFACT_QUERY_TOWER_COMPILED, cfg.serve.tower_runtime
     )
@@ -73,7 +89,7 @@ def build_ensemble(artifacts: Path, scratch: Path, cfg: PipelineConfig, manifest
         manifest["index"]["search_params"],
     )
     outputs = results + encoded[[contract.OUTPUT_UNKNOWN]]
-    return Ensemble(outputs, input_schema(data.user_features))
+    return Ensemble(outputs, input_schema(data.user_features, history=bool(history)))
 
 
 def executor_config(cfg: PipelineConfig, name: str = contract.MODEL_NAME, canary_user_id: int | None = None) -> model_config.ModelConfig:
@@ -93,6 +109,10 @@ def executor_config(cfg: PipelineConfig, name: str = contract.MODEL_NAME, canary
     config.input.append(model_config.ModelInput(
         name=contract.INPUT_EXCLUDE, data_type=dt("TYPE_INT64"), dims=[-1], optional=True, allow_ragged_batch=True,
     ))
+    if cfg.train.history_length:
+        config.input.append(model_config.ModelInput(
+            name=contract.INPUT_HISTORY, data_type=dt("TYPE_INT64"), dims=[-1], optional=True, allow_ragged_batch=True,
+        ))
     for name in cfg.data.user_features:
         config.input.append(model_config.ModelInput(name=name, data_type=dt("TYPE_INT64"), dims=[1], optional=True))
     config.output.append(model_config.ModelOutput(name=contract.OUTPUT_ITEM_IDS, data_type=dt("TYPE_INT64"), dims=[-1]))
@@ -105,6 +125,7 @@ def executor_config(cfg: PipelineConfig, name: str = contract.MODEL_NAME, canary
         "feature_store": serve.feature_store,
         "feature_store_timeout_s": serve.feature_store_timeout_s,
         "index_device": serve.index_device,
+        "history_length": cfg.train.history_length,
     }.items():
         config.parameters[key].string_value = str(value)
     if canary_user_id is not None:

@@ -30,6 +30,8 @@ class BatchReport:
         unknown_users: of those, ids not in training.
         excluded_items: item ids sent for exclusion (padding not counted).
         exclude_seen_users: users whose training clicks were left out.
+        history_known: history item ids (stored and sent, the latest N kept) the item vocabulary knows.
+        history_unknown: those it does not (left out of the query).
         parse_s: validation and merging.
         stages_s: operator label -> seconds in the graph.
     """
@@ -40,6 +42,8 @@ class BatchReport:
     unknown_users: int = 0
     excluded_items: int = 0
     exclude_seen_users: int = 0
+    history_known: int = 0
+    history_unknown: int = 0
     parse_s: float = 0.0
     stages_s: dict = field(default_factory=dict)
 
@@ -61,6 +65,16 @@ class RetrievalExecutor:
     last: BatchReport = field(default_factory=BatchReport)
 
     @property
+    def history(self) -> bool:
+        """Whether the model takes a history input."""
+        return self.limits.history_length > 0
+
+    def _history_counter(self):
+        from ensemble.ops.transform import TransformUserFeatures
+
+        return next(n.op for n in self.runner.nodes if isinstance(n.op, TransformUserFeatures))
+
+    @property
     def search_description(self) -> str:
         """How the search stage runs (index, device, FAISS capabilities), for the load log."""
         from ensemble.ops.search import SearchItems
@@ -73,7 +87,7 @@ class RetrievalExecutor:
         for batch in sorted({1, self.limits.max_batch_size}):
             users = np.arange(batch, dtype=np.int64).reshape(-1, 1)
             request = ParsedRequest(users.ravel(), min(self.limits.default_top_k, self.n_items), np.zeros((batch, 0), np.int64), False)
-            self.runner.run(merge([request], self.limits.user_features))
+            self.runner.run(merge([request], self.limits.user_features, history=self.history))
         self.runner.timings_s.clear()
 
     def execute(self, requests: list[tuple[Mapping[str, np.ndarray | None], Mapping[str, Any]]]) -> list[dict[str, np.ndarray] | RequestError]:
@@ -90,7 +104,7 @@ class RetrievalExecutor:
                 answers[i] = RequestError(str(e))
         report = BatchReport(ok=len(good), invalid=len(requests) - len(good))
         if good:
-            merged = merge(good, self.limits.user_features)
+            merged = merge(good, self.limits.user_features, history=self.history)
             report.parse_s = time.perf_counter() - started
             outputs = self.runner.run(merged)
             for i, answer in zip(where, split(outputs, good)):
@@ -99,6 +113,8 @@ class RetrievalExecutor:
             report.unknown_users = int(np.count_nonzero(outputs[contract.OUTPUT_UNKNOWN]))
             report.excluded_items = int(np.count_nonzero(merged[contract.INPUT_EXCLUDE] != contract.EXCLUDE_PAD))
             report.exclude_seen_users = int(np.count_nonzero(merged[EXCLUDE_SEEN]))
+            if self.history:
+                report.history_known, report.history_unknown = self._history_counter().history_counts
             report.stages_s = dict(self.runner.last_run_s)
             self.stats["batches"] += 1
         self.stats["requests"] += len(requests)

@@ -63,7 +63,7 @@ def verify_version(version_dir: str | Path) -> dict:
     return manifest
 
 
-def feature_store_for(url: str, manifest: dict, feature_names: tuple[str, ...], timeout_s: float):
+def feature_store_for(url: str, manifest: dict, feature_names: tuple[str, ...], timeout_s: float, history_length: int = 0):
     """The shared feature store named by `url` (a Redis URL), checked to hold this export."""
     try:
         import redis  # noqa: F401 - only to say clearly when it is missing
@@ -74,7 +74,7 @@ def feature_store_for(url: str, manifest: dict, feature_names: tuple[str, ...], 
         ) from None
     from ensemble.redis_store import RedisFeatureStore
 
-    return RedisFeatureStore(url, store_namespace(manifest), feature_names, timeout_s=timeout_s)
+    return RedisFeatureStore(url, store_namespace(manifest), feature_names, timeout_s=timeout_s, history_length=history_length)
 
 
 def load_executor(ensemble_dir: str | Path, limits: Limits, params: Mapping[str, str] | None = None) -> RetrievalExecutor:
@@ -108,7 +108,7 @@ def load_executor(ensemble_dir: str | Path, limits: Limits, params: Mapping[str,
     for node in runner.nodes:
         if isinstance(node.op, LookupUserFeatures) and feature_store != "embedded":
             timeout_s = float(params.get("feature_store_timeout_s", "0.5"))
-            node.op.set_store(feature_store_for(feature_store, manifest, node.op.feature_names, timeout_s))
+            node.op.set_store(feature_store_for(feature_store, manifest, node.op.feature_names, timeout_s, node.op.history_length))
         if isinstance(node.op, SearchItems):
             node.op.device = params.get("index_device", "auto")
         if node.op is not None:

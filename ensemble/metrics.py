@@ -4,6 +4,10 @@ Triton serves them on its metrics port beside its own (nv_inference_*):
     retrieval_requests_total{outcome="ok|invalid|unavailable|error"}
     retrieval_users_total{kind="known|unknown"}
     retrieval_excluded_items_total{source="request|seen"}   (seen: users with exclude_seen)
+    retrieval_history_items_total{kind="known|unknown"}   history item ids that reached the query (a
+        model with a history input: stored and sent, the latest N per user); unknown: ids the item
+        vocabulary does not hold (a newer catalogue than the model's, or a client's typo), left out
+        of the query. A rising unknown share says the model is due for retraining.
     retrieval_stage_seconds{stage="parse|lookup|transform|tower|search"}   histogram per batch (sampled under load)
     retrieval_batch_users   histogram of users per executed batch (dynamic batching at work; sampled under load)
 
@@ -95,9 +99,12 @@ class ServingMetrics:
         requests = new("retrieval_requests_total", "Requests by outcome", family.COUNTER)
         users = new("retrieval_users_total", "Users answered, known or not seen in training", family.COUNTER)
         excluded = new("retrieval_excluded_items_total", "Items excluded: ids sent per request, users with exclude_seen", family.COUNTER)
+        history = new("retrieval_history_items_total", "History item ids in queries: known to the model, or unknown and left out",
+                      family.COUNTER)
         self.requests = {o: requests.Metric(labels={**labels, "outcome": o}) for o in OUTCOMES}
         self.users = {k: users.Metric(labels={**labels, "kind": k}) for k in ("known", "unknown")}
         self.excluded = {s: excluded.Metric(labels={**labels, "source": s}) for s in ("request", "seen")}
+        self.history = {k: history.Metric(labels={**labels, "kind": k}) for k in ("known", "unknown")}
         stage_text, batch_text = "Seconds per executed batch in each stage of the request path", "Users per executed batch"
         if caps.histograms:
             stages = new("retrieval_stage_seconds", stage_text, family.HISTOGRAM)
@@ -137,7 +144,7 @@ class ServingMetrics:
             if not queue:
                 return 0
             counts = {o: 0 for o in OUTCOMES}
-            known = unknown = excluded = seen = 0
+            known = unknown = excluded = seen = history_known = history_unknown = 0
             stages = {s: [] for s in self.stages}
             batch_users = []
             for item in queue:
@@ -152,6 +159,8 @@ class ServingMetrics:
                 unknown += item.unknown_users
                 excluded += item.excluded_items
                 seen += item.exclude_seen_users
+                history_known += item.history_known
+                history_unknown += item.history_unknown
                 stages["parse"].append(item.parse_s)
                 for label, seconds in item.stages_s.items():
                     if label in STAGES:
@@ -159,7 +168,8 @@ class ServingMetrics:
                 batch_users.append(item.users)
             increments = [(self.requests[o], counts[o]) for o in OUTCOMES]
             increments += [(self.users["known"], known), (self.users["unknown"], unknown),
-                           (self.excluded["request"], excluded), (self.excluded["seen"], seen)]
+                           (self.excluded["request"], excluded), (self.excluded["seen"], seen),
+                           (self.history["known"], history_known), (self.history["unknown"], history_unknown)]
             for metric, value in increments:
                 if value:
                     metric.increment(value)
@@ -183,6 +193,6 @@ class ServingMetrics:
             self._thread.join(timeout=5)
         self.flush()
         self.enabled = False
-        self.requests = self.users = self.excluded = self.stages = {}
+        self.requests = self.users = self.excluded = self.history = self.stages = {}
         self.batch_users = None
         self._families = []

@@ -13,6 +13,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from common import contract
+from common.config import MAX_HISTORY
 from common.errors import RequestError
 from ensemble.ops.search import EXCLUDE_SEEN, TOP_K
 
@@ -27,6 +28,8 @@ class Limits:
         max_exclude: the most excluded item ids per user.
         exclude_seen: default of the `exclude_seen` request parameter.
         user_features: names of the optional raw user-feature inputs.
+        history_length: N, the model's history length (0: the model takes no history input).
+        max_history: the most history ids per user a request may send.
     """
 
     max_batch_size: int = 256
@@ -35,6 +38,8 @@ class Limits:
     max_exclude: int = 1000
     exclude_seen: bool = False
     user_features: tuple[str, ...] = ()
+    history_length: int = 0
+    max_history: int = MAX_HISTORY
 
     @classmethod
     def from_parameters(cls, params: Mapping[str, str], max_batch_size: int) -> "Limits":
@@ -48,6 +53,7 @@ class Limits:
             max_exclude=get("max_exclude", int, cls.max_exclude),
             exclude_seen=get("exclude_seen", lambda v: v.lower() == "true", cls.exclude_seen),
             user_features=get("user_features", lambda v: tuple(n for n in v.split(",") if n), ()),
+            history_length=get("history_length", int, cls.history_length),
         )
 
 
@@ -62,6 +68,8 @@ class ParsedRequest:
         exclude_seen: leave out the users' training positives.
         features: raw user-feature values sent with the request, name -> [b] int64
             (FEATURE_NOT_GIVEN where a row has none).
+        history: [b, n] int64 raw item ids of the users' latest interactions, oldest first,
+            padded with HISTORY_PAD, or None when not sent.
     """
 
     user_ids: np.ndarray
@@ -69,6 +77,7 @@ class ParsedRequest:
     exclude: np.ndarray
     exclude_seen: bool
     features: dict[str, np.ndarray] = field(default_factory=dict)
+    history: np.ndarray | None = None
 
     @property
     def batch(self) -> int:
@@ -157,17 +166,46 @@ def parse_request(tensors: Mapping[str, np.ndarray | None], params: Mapping[str,
                 f"input {name!r} holds {bad}; raw feature ids are >= 0, or {contract.FEATURE_NOT_GIVEN} for 'not given'"
             )
         features[name] = values.reshape(-1)
-    return ParsedRequest(users.reshape(-1).astype(np.int64, copy=False), top_k, exclude, exclude_seen, features)
+    history = _parse_history(tensors.get(contract.INPUT_HISTORY), batch, limits)
+    return ParsedRequest(users.reshape(-1).astype(np.int64, copy=False), top_k, exclude, exclude_seen, features, history)
 
 
-def merge(requests: list[ParsedRequest], feature_names: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
-    """Concatenates requests into one batch of graph inputs (exclusions padded to one width)."""
-    width = max(r.exclude.shape[1] for r in requests)
-    exclude = np.full((sum(r.batch for r in requests), width), contract.EXCLUDE_PAD, dtype=np.int64)
+def _parse_history(history: np.ndarray | None, batch: int, limits: Limits) -> np.ndarray | None:
+    """The request's history_item_ids, checked like exclude_item_ids (None when not sent)."""
+    name = contract.INPUT_HISTORY
+    if history is None:
+        return None
+    if not limits.history_length:
+        raise RequestError(f"input {name!r} is not accepted: this model was trained without a history input (train.history_length 0)")
+    if history.dtype != np.int64:
+        raise RequestError(f"input {name!r} must be INT64 raw item ids, got {history.dtype}")
+    if history.ndim != 2 or history.shape[0] != batch:
+        raise RequestError(
+            f"input {name!r} must have shape [{batch}, n] (one row per user, oldest first, padded with "
+            f"{contract.HISTORY_PAD}), got {list(history.shape)}"
+        )
+    if history.shape[1] > limits.max_history:
+        raise RequestError(f"input {name!r} has {history.shape[1]} ids per user, over the maximum of {limits.max_history}")
+    return history
+
+
+def _padded(rows: list[np.ndarray | None], batches: list[int], pad: int) -> np.ndarray:
+    """Per-request [b, n] matrices (None: [b, 0]) stacked into one, padded to the widest."""
+    width = max((r.shape[1] for r in rows if r is not None), default=0)
+    out = np.full((sum(batches), width), pad, dtype=np.int64)
     row = 0
-    for r in requests:
-        exclude[row : row + r.batch, : r.exclude.shape[1]] = r.exclude
-        row += r.batch
+    for r, b in zip(rows, batches):
+        if r is not None:
+            out[row : row + b, : r.shape[1]] = r
+        row += b
+    return out
+
+
+def merge(requests: list[ParsedRequest], feature_names: tuple[str, ...] = (), history: bool = False) -> dict[str, np.ndarray]:
+    """Concatenates requests into one batch of graph inputs (exclusions and, for a model with a
+    history input, histories padded to one width)."""
+    batches = [r.batch for r in requests]
+    exclude = _padded([r.exclude for r in requests], batches, contract.EXCLUDE_PAD)
     total = len(exclude)
     # The usual case is that nobody sent a feature: every such feature gets the same read-only
     # array of "not given" (11 features, one allocation; a write into it would raise).
@@ -180,6 +218,8 @@ def merge(requests: list[ParsedRequest], feature_names: tuple[str, ...] = ()) ->
                 [r.features.get(name, np.full(r.batch, contract.FEATURE_NOT_GIVEN, np.int64)) for r in requests])
         else:
             features[name] = not_given
+    if history:
+        features[contract.INPUT_HISTORY] = _padded([r.history for r in requests], batches, contract.HISTORY_PAD)
     if len(requests) == 1:
         only = requests[0]
         return {

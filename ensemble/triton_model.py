@@ -45,7 +45,8 @@ class TritonPythonModel:
         except RetrievalError as e:
             # One line in the server log that says what to fix, not a traceback into our code.
             raise pb_utils.TritonModelException(f"retrieval model cannot load: {e}") from None
-        self.inputs = frozenset((contract.INPUT_USER_ID, *_OPTIONAL_INPUTS, *limits.user_features))
+        history = (contract.INPUT_HISTORY,) if limits.history_length else ()
+        self.inputs = frozenset((contract.INPUT_USER_ID, *_OPTIONAL_INPUTS, *history, *limits.user_features))
         self.metrics = ServingMetrics(pb_utils, self.caps, args["model_name"], str(args["model_version"]),
                                       on_error=pb_utils.Logger.log_error)
         # The loaded model holds about 450,000 objects (TensorFlow, merlin, pandas); a full collection

@@ -11,6 +11,7 @@ from merlin.schema import ColumnSchema, Schema
 
 from common import contract
 from ensemble.feature_store import FeatureStore, ParquetFeatureStore
+from ensemble.history import merge_histories
 from ensemble.ops import ArrayOperator
 
 
@@ -23,18 +24,25 @@ class LookupUserFeatures(ArrayOperator, BaseOperator):
     Output columns: the user id under the dataset's id column name (what the workflow reads),
     one int64 column per raw feature, and `unknown_user` (bool), true where the store has no
     row for the id.
+    With history_length N > 0 it also takes the request's `history_item_ids` ([batch, n] raw
+    item ids, oldest first) and outputs `history_item_ids` [batch, N]: the stored history
+    followed by the request's ids (the most recent), the latest N kept, padded at the end.
 
     Args:
         table_path: parquet file with one row per user (saved beside the ensemble on export).
         id_column: the user id column.
         feature_names: the raw feature columns to return.
+        history_length: N, the model's history length (0: no history).
     """
 
-    def __init__(self, table_path: str | Path, id_column: str, feature_names: tuple[str, ...]):
+    history_length = 0  # ensembles pickled before the history input have none
+
+    def __init__(self, table_path: str | Path, id_column: str, feature_names: tuple[str, ...], history_length: int = 0):
         super().__init__()
         self.table_path = str(table_path)
         self.id_column = id_column
         self.feature_names = tuple(feature_names)
+        self.history_length = int(history_length)
         self._store: FeatureStore | None = None
 
     def __getstate__(self) -> dict:
@@ -51,7 +59,7 @@ class LookupUserFeatures(ArrayOperator, BaseOperator):
         if self._store is not None:  # a shared store was set (set_store): no local table needed
             return
         path = Path(artifact_path) / Path(self.table_path).name if artifact_path else Path(self.table_path)
-        self._store = ParquetFeatureStore(path, self.id_column, self.feature_names)
+        self._store = ParquetFeatureStore(path, self.id_column, self.feature_names, self.history_length)
 
     def set_store(self, store: FeatureStore) -> None:
         """Replaces the embedded table with another store (a shared online store, say)."""
@@ -59,12 +67,15 @@ class LookupUserFeatures(ArrayOperator, BaseOperator):
 
     def compute_input_schema(self, root_schema, parents_schema, deps_schema, selector) -> Schema:
         available = root_schema + parents_schema + deps_schema
-        names = [contract.INPUT_USER_ID, *[n for n in self.feature_names if n in available.column_names]]
+        optional = [*self.feature_names, *([contract.INPUT_HISTORY] if self.history_length else [])]
+        names = [contract.INPUT_USER_ID, *[n for n in optional if n in available.column_names]]
         return available.select_by_name(names)
 
     def compute_output_schema(self, input_schema: Schema, col_selector: ColumnSelector, prev_output_schema=None) -> Schema:
         cols = [ColumnSchema(self.id_column, dtype=np.int64)]
         cols += [ColumnSchema(name, dtype=np.int64) for name in self.feature_names]
+        if self.history_length:
+            cols.append(ColumnSchema(contract.INPUT_HISTORY, dtype=np.int64, dims=(None, self.history_length)))
         cols.append(ColumnSchema(contract.OUTPUT_UNKNOWN, dtype=np.bool_))
         return Schema(cols)
 
@@ -77,4 +88,7 @@ class LookupUserFeatures(ArrayOperator, BaseOperator):
             if name in columns:
                 given = np.asarray(columns[name], dtype=np.int64).reshape(-1)
                 features[name] = np.where(given != contract.FEATURE_NOT_GIVEN, given, features[name])
+        if self.history_length:
+            stored = features.pop(contract.INPUT_HISTORY)
+            features[contract.INPUT_HISTORY] = merge_histories(stored, columns.get(contract.INPUT_HISTORY), self.history_length)
         return {self.id_column: ids, **features, contract.OUTPUT_UNKNOWN: ~found}

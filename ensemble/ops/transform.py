@@ -6,6 +6,12 @@ Categorify is a fixed map from raw value to code once fitted, so this operator a
 Categorify for the codes of its whole vocabulary, of a null and of an unseen value, and then
 encodes a request with one `searchsorted` per column. Workflows with other operators fall
 back to the workflow's own in-memory transform, still in-process.
+
+A model with a history input also gets the users' histories encoded: [batch, N] raw item ids
+-> item codes with the item id column's own fitted Categorify (the codes the item tower was
+trained on, so the query tower's pooled table and the item tower's agree). Ids the vocabulary
+does not know, and padding, become code 0, which the tower leaves out; each batch's known and
+unknown ids are counted (`history_counts`, sent as retrieval_history_items_total).
 """
 
 from __future__ import annotations
@@ -18,14 +24,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from merlin.dag import BaseOperator, ColumnSelector, postorder_iter_nodes
-from merlin.schema import Schema
+from merlin.schema import ColumnSchema, Schema
 from nvtabular.ops.categorify import NULL_OFFSET
 
+from common import contract
+from common.errors import ArtifactError
 from ensemble.ops import MISSING, ArrayOperator
+from ensemble.ops.tower import FIRST_ITEM_CODE
 
 LOG = logging.getLogger(__name__)
 
 WORKFLOW_DIR = "user_workflow"
+HISTORY_WORKFLOW_DIR = "item_id_workflow"
+HISTORY_DROPPED_CODE = 0  # padding's code: the tower pools only codes >= FIRST_ITEM_CODE
 # Operators that only select columns or add schema metadata; they do not change values.
 _PASSTHROUGH_OPS = {"SelectionOp", "ConcatColumns", "TagAsUserID", "TagAsUserFeatures", "TagAsItemID",
                     "TagAsItemFeatures", "AddMetadata", "AddTags", "AddProperties", "GroupingOp", "SubsetColumns"}
@@ -58,6 +69,18 @@ class CategoryTable:
         out = np.where(found, self.codes[pos_c], self.oov_code).astype(self.dtype)
         out[values == MISSING] = self.null_code
         return out
+
+
+def item_id_table(workflow, path) -> CategoryTable:
+    """The Categorify table of a workflow whose only output column is the item id."""
+    ops = _categorify_nodes(workflow)
+    if not ops or len(ops) != 1:
+        raise ArtifactError(
+            f"{path} must hold one Categorify of the item id column to encode histories, found outputs "
+            f"{workflow.output_schema.column_names}"
+        )
+    (column, op), = ops.items()
+    return compile_categorify(op, column, np.int32)
 
 
 def _categorify_nodes(workflow) -> dict[str, object] | None:
@@ -98,26 +121,38 @@ class TransformUserFeatures(ArrayOperator, BaseOperator):
         workflow_path: a saved NVTabular workflow with raw user columns in and encoded ones out
             (`train.etl.user_workflow`); copied beside the ensemble on export.
         passthrough: input columns forwarded unchanged (the unknown-user flag, say).
+        history_workflow_path: for a model with a history input, a saved workflow whose only
+            column is the item id (`item_id_workflow`); its Categorify encodes `history_item_ids`.
     """
 
-    def __init__(self, workflow_path: str | Path, passthrough: tuple[str, ...] = ()):
+    history_workflow_path = None  # ensembles pickled before the history input have none
+
+    def __init__(self, workflow_path: str | Path, passthrough: tuple[str, ...] = (), history_workflow_path: str | Path | None = None):
         super().__init__()
         import nvtabular as nvt
 
         self.workflow_path = str(workflow_path)
         self.passthrough = tuple(passthrough)
+        self.history_workflow_path = None if history_workflow_path is None else str(history_workflow_path)
         workflow = nvt.Workflow.load(self.workflow_path)
         self._input_schema = workflow.input_schema
         self._output_schema = workflow.output_schema
         self._workflow = None
         self._tables: dict[str, CategoryTable] | None = None
+        self._history_table: CategoryTable | None = None
+        self.history_counts = (0, 0)  # (known, unknown) history ids in the latest batch
 
     def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k not in ("_workflow", "_tables")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_workflow", "_tables", "_history_table")}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self._workflow, self._tables = None, None
+        self._workflow, self._tables, self._history_table = None, None, None
+        self.history_counts = (0, 0)
+
+    @property
+    def history(self) -> bool:
+        return self.history_workflow_path is not None
 
     @property
     def compiled(self) -> bool:
@@ -125,12 +160,17 @@ class TransformUserFeatures(ArrayOperator, BaseOperator):
 
     def save_artifacts(self, artifact_path: str) -> None:
         shutil.copytree(self.workflow_path, Path(artifact_path) / WORKFLOW_DIR, dirs_exist_ok=True)
+        if self.history:
+            shutil.copytree(self.history_workflow_path, Path(artifact_path) / HISTORY_WORKFLOW_DIR, dirs_exist_ok=True)
 
     def load_artifacts(self, artifact_path: str | None = None) -> None:
         import nvtabular as nvt
 
         path = Path(artifact_path) / WORKFLOW_DIR if artifact_path else Path(self.workflow_path)
         self._workflow = nvt.Workflow.load(str(path))
+        if self.history:
+            history_path = Path(artifact_path) / HISTORY_WORKFLOW_DIR if artifact_path else Path(self.history_workflow_path)
+            self._history_table = item_id_table(nvt.Workflow.load(str(history_path)), history_path)
         ops = _categorify_nodes(self._workflow)
         if ops is None:
             LOG.warning("workflow at %s has operators beyond Categorify; running it in pandas", path)
@@ -141,11 +181,14 @@ class TransformUserFeatures(ArrayOperator, BaseOperator):
         }
 
     def compute_input_schema(self, root_schema, parents_schema, deps_schema, selector) -> Schema:
-        names = [*self._input_schema.column_names, *self.passthrough]
+        names = [*self._input_schema.column_names, *self.passthrough, *([contract.INPUT_HISTORY] if self.history else [])]
         return (parents_schema + deps_schema).select_by_name(names)
 
     def compute_output_schema(self, input_schema: Schema, col_selector: ColumnSelector, prev_output_schema=None) -> Schema:
-        return self._output_schema + input_schema.select_by_name(list(self.passthrough))
+        out = self._output_schema + input_schema.select_by_name(list(self.passthrough))
+        if self.history:
+            out += Schema([ColumnSchema(contract.INPUT_HISTORY, dtype=np.int32, dims=(None, None))])
+        return out
 
     def run(self, columns: dict) -> dict:
         if self._workflow is None:
@@ -156,7 +199,24 @@ class TransformUserFeatures(ArrayOperator, BaseOperator):
             out = self._transform_pandas(columns)
         for col in self.passthrough:
             out[col] = columns[col]
+        if self.history:
+            out[contract.INPUT_HISTORY] = self.encode_history(columns[contract.INPUT_HISTORY])
         return out
+
+    def encode_history(self, raw: np.ndarray) -> np.ndarray:
+        """[batch, N] raw item ids (HISTORY_PAD for none) -> [batch, N] int32 item codes; padding
+        and ids outside the item vocabulary become HISTORY_DROPPED_CODE and the latter are counted."""
+        if self._history_table is None:
+            self.load_artifacts()
+        raw = np.asarray(raw, np.int64)
+        raw = raw.reshape(len(raw), -1)
+        codes = self._history_table.encode(raw.reshape(-1)).reshape(raw.shape).astype(np.int32)
+        given = raw != contract.HISTORY_PAD
+        known = given & (codes >= FIRST_ITEM_CODE)
+        n_given, n_known = int(np.count_nonzero(given)), int(np.count_nonzero(known))
+        self.history_counts = (n_known, n_given - n_known)
+        codes[~known] = HISTORY_DROPPED_CODE
+        return codes
 
     def _transform_pandas(self, columns: dict) -> dict[str, np.ndarray]:
         # MISSING stays as is here: an unseen value, encoded as out-of-vocabulary (see above).
