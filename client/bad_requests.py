@@ -138,6 +138,41 @@ def corpus(max_batch_size: int, max_top_k: int, max_exclude: int, feature: str, 
     ]
 
 
+HISTORY_CASES = 6  # history_corpus's size for a model with a history input (1 for one without)
+
+
+def history_corpus(history_length: int, max_history: int, known_user: int, max_request_bytes: int = 8 << 20) -> list[BadRequest]:
+    """Hostile `history_item_ids` inputs: HISTORY_CASES of them for a model with a history input
+    (history_length > 0), else the one case of a model that has none (Triton refuses the input)."""
+    model, name = contract.MODEL_NAME, contract.INPUT_HISTORY
+    u = _users(known_user)
+    if not history_length:
+        return [BadRequest("history_not_declared", (u, (name, np.array([[1, 2]], np.int64), "INT64")), triton=True,
+                           message=rf"unexpected inference input '{name}' for model '{model}'")]
+
+    def dtype(got, array):
+        return BadRequest(f"history_{got.lower()}", (u, (name, array, got)), triton=True,
+                          message=rf"inference input '{name}' data-type is '{got}', but model '{model}' expects 'INT64'",
+                          message_2_36=rf"inference input data-type is '{got}', model expects 'INT64' for '{model}'")
+
+    huge = 2_000_000
+    return [
+        dtype("FP32", np.array([[1.0, 2.0]], np.float32)),
+        dtype("INT32", np.array([[1, 2]], np.int32)),
+        BadRequest("history_rows_mismatch", (_users(known_user, known_user), (name, np.array([[1, 2]], np.int64), "INT64")),
+                   triton=True, message=rf"input 'user_id' batch size does not match other inputs for '{model}'"),
+        BadRequest("history_rank3", (u, (name, np.ones((1, 2, 2), np.int64), "INT64")), triton=True,
+                   message=(rf"unexpected shape for input '{name}' for model '{model}'\. Expected \[-1,-1\], got \[1,2,2\]\. "
+                            r"NOTE: Setting a non-zero max_batch_size in the model config requires a batch dimension.*")),
+        BadRequest("history_too_wide", (u, (name, np.ones((1, max_history + 1), np.int64), "INT64")),
+                   message=rf"input '{name}' has {max_history + 1} ids per user, over the maximum of {max_history}"),
+        # 16 MB: our validation refuses it over gRPC; over HTTP the guard does, before Triton buffers it.
+        BadRequest("history_huge_payload", (u, (name, np.ones((1, huge), np.int64), "INT64")),
+                   message=rf"input '{name}' has {huge} ids per user, over the maximum of {max_history}",
+                   http_message=rf"request body of \d+ bytes is over the maximum of {max_request_bytes}", http_status=413),
+    ]
+
+
 def send(client_module, client, model: str, case: BadRequest):
     """Sends a case with a raw tritonclient client; returns the exception raised (None if answered)."""
     inputs = []

@@ -44,3 +44,33 @@ def executor(repository, trained):
     from ensemble.loader import load_model_in_process
 
     return load_model_in_process(repository)
+
+
+HISTORY_LENGTH = 5  # the history-aware variant's train.history_length
+
+
+@pytest.fixture(scope="session")
+def hist_trained(tmp_path_factory, tiny_cfg):
+    """The tiny preset trained with a history input (train.history_length 5): about 20 s here."""
+    import dataclasses
+
+    from train.pipeline import run_training
+
+    cfg = dataclasses.replace(tiny_cfg, train=dataclasses.replace(tiny_cfg.train, history_length=HISTORY_LENGTH))
+    root = tmp_path_factory.mktemp("hist_trained")
+    run = run_training(cfg, root / "work", root / "artifacts")
+    return {"run": run, "work": root / "work", "artifacts": root / "artifacts", "cfg": cfg}
+
+
+@pytest.fixture(scope="session")
+def hist_repository(tmp_path_factory, hist_trained):
+    from ensemble.build import build_repository
+
+    return build_repository(hist_trained["artifacts"], tmp_path_factory.mktemp("hist_repo") / "model_repository")
+
+
+@pytest.fixture(scope="session")
+def hist_executor(hist_repository):
+    from ensemble.loader import load_model_in_process
+
+    return load_model_in_process(hist_repository)
