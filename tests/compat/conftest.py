@@ -17,4 +17,4 @@ def compat_python() -> Path:
     return path
 
 
-from tests.integration.conftest import server  # noqa: E402,F401 - the main stack's server, to compare with
+from tests.integration.conftest import hist_server, server  # noqa: E402,F401 - the main stack's servers, to compare with

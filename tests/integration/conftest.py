@@ -27,6 +27,21 @@ def server(repository, tmp_path_factory):
         assert code == 0, f"tritonserver exited with {code}:\n{srv.log_tail()}"
 
 
+@pytest.fixture(scope="session")
+def hist_server(hist_repository, tmp_path_factory):
+    """The history-aware variant (train.history_length 5), served the same way."""
+    from ensemble.server import TritonServer
+
+    srv = TritonServer(hist_repository, free_serve_config(), log_path=tmp_path_factory.mktemp("hist_server") / "tritonserver.log")
+    srv.start()
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        code = srv.close()
+        assert code == 0, f"tritonserver exited with {code}:\n{srv.log_tail()}"
+
+
 @pytest.fixture(params=["grpc", "http"])
 def client(request, server):
     from client.client import RetrievalClient

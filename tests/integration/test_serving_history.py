@@ -21,21 +21,6 @@ H = contract.INPUT_HISTORY
 TOP_K = 10
 
 
-@pytest.fixture(scope="module")
-def hist_server(hist_repository, tmp_path_factory):
-    from ensemble.server import TritonServer
-    from tests.integration.conftest import free_serve_config
-
-    srv = TritonServer(hist_repository, free_serve_config(), log_path=tmp_path_factory.mktemp("hist_server") / "tritonserver.log")
-    srv.start()
-    try:
-        srv.wait_ready()
-        yield srv
-    finally:
-        code = srv.close()
-        assert code == 0, f"tritonserver exited with {code}:\n{srv.log_tail()}"
-
-
 @pytest.fixture(params=["grpc", "http"])
 def hist_client(request, hist_server):
     from client.client import RetrievalClient
