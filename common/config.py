@@ -208,6 +208,8 @@ class TrainConfig:
         history_length: the user's latest N training positives (oldest first) become a query-tower
             input, pooled over the item-id embedding the item tower uses (one shared table); each
             training example sees the N positives before it. 0: no history input.
+        mask_history: share of training examples whose history is emptied (a user the server
+            knows nothing of yet sends none), independently of the other masks.
         early_stopping_patience: epochs without a better validation recall before stopping (0: off).
         eval_ks: cut-offs of the full-catalogue evaluation.
         seed: seed of TensorFlow and NumPy during training.
@@ -226,6 +228,7 @@ class TrainConfig:
     mask_user_id: float = 0.1
     mask_features: float = 0.05
     history_length: int = 0
+    mask_history: float = 0.1
     early_stopping_patience: int = 3
     eval_ks: tuple[int, ...] = (10, 50, 100)
     seed: int = 42
@@ -248,6 +251,7 @@ class TrainConfig:
         _check(0 <= self.mask_user_id < 1, f"train.mask_user_id must be in [0, 1), got {self.mask_user_id}")
         _check(0 <= self.mask_features <= 0.5, f"train.mask_features must be in [0, 0.5], got {self.mask_features}")
         _check(0 <= self.history_length <= MAX_HISTORY, f"train.history_length must be in [0, {MAX_HISTORY}], got {self.history_length}")
+        _check(0 <= self.mask_history < 1, f"train.mask_history must be in [0, 1), got {self.mask_history}")
         _check(self.early_stopping_patience >= 0, "train.early_stopping_patience must be >= 0")
         _check(len(self.eval_ks) >= 1 and min(self.eval_ks) >= 1, "train.eval_ks needs cut-offs >= 1")
 

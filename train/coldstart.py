@@ -172,13 +172,15 @@ def als_fold_in_scorer(model, first: Ragged, n_items: int) -> Scorer:
 
 def cold_history_report(cold: ColdUsers, query_embeddings: list[np.ndarray], item_embeddings: list[np.ndarray],
                         train_counts: sp.csr_matrix, warm_raw: pd.DataFrame, als_model, has_history: bool,
-                        cfg: EvalConfig, ks: tuple[int, ...], seed: int) -> dict:
+                        cfg: EvalConfig, ks: tuple[int, ...], seed: int, features_only: list[np.ndarray] | None = None) -> dict:
     """The second cold-start table: new users with their first positives as history (see the module docstring).
 
     Args:
         query_embeddings: per seed, the new users' queries given the first positives as history.
         als_model: a fitted implicit ALS model (the tuned settings) to fold the same positives into.
         has_history: whether the two-tower model takes a history (without one, its row is features only).
+        features_only: per seed, the same users' queries without the history: the row
+            `two_tower_features_only` shows what the history adds.
     """
     scorers: dict[str, Scorer | list[Scorer]] = {
         "two_tower": [embedding_scorer(q, i) for q, i in zip(query_embeddings, item_embeddings)],
@@ -186,6 +188,8 @@ def cold_history_report(cold: ColdUsers, query_embeddings: list[np.ndarray], ite
         "popular_in_segment": segment_popularity_scorer(train_counts, warm_raw, cold.raw, cfg.segment),
         "als_fold_in": als_fold_in_scorer(als_model, cold.first, train_counts.shape[1]),
     }
+    if has_history and features_only is not None:
+        scorers["two_tower_features_only"] = [embedding_scorer(q, i) for q, i in zip(features_only, item_embeddings)]
     LOG.info("cold-start evaluation: %d new users with their first %d positives as history", cold.later.n_users, cfg.cold_history)
     report = evaluate_methods(scorers, cold.later, ks, bootstrap=cfg.bootstrap, confidence=cfg.confidence, seed=seed)
     report.pop("recall_curves")

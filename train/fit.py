@@ -196,7 +196,8 @@ def prepare_training_rows(etl_dir: Path, data_cfg: DataConfig, cfg: TrainConfig,
 
     History (`history_length` > 0): each row gets the list column `history_item_ids`, the item
     codes of the same user's `history_length` positives before it (by `key`, the time, else row
-    order), computed on the real user ids before any masking.
+    order), computed on the real user ids before any masking; a `mask_history` share of rows
+    gets an empty one.
 
     Returns the training folder to read (the ETL's own when there is nothing to add).
     """
@@ -213,6 +214,8 @@ def prepare_training_rows(etl_dir: Path, data_cfg: DataConfig, cfg: TrainConfig,
     n = len(frame)
     ids = frame[data_cfg.user_id].to_numpy()
     frame[data_cfg.user_id] = np.where(rng.random(n) < cfg.mask_user_id, OOV_OFFSET, ids).astype(ids.dtype)
+    if history is not None and cfg.mask_history:
+        history = history.emptied(rng.random(n) < cfg.mask_history)
     for name in data_cfg.user_features:
         draw = rng.random(n)
         values = frame[name].to_numpy()

@@ -54,6 +54,10 @@ class Ragged:
         offsets = self.offsets[start : stop + 1]
         return Ragged(self.values[offsets[0] : offsets[-1]], offsets - offsets[0])
 
+    def emptied(self, rows: np.ndarray) -> Ragged:
+        """The same rows, those where `rows` (a [rows] bool mask) is true made empty."""
+        return Ragged.from_lengths(self.values[np.repeat(~rows, self.lengths)], np.where(rows, 0, self.lengths))
+
     def map(self, fn) -> Ragged:
         """The same rows with fn applied to the values array."""
         return Ragged(fn(self.values), self.offsets)

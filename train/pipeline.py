@@ -106,7 +106,7 @@ def cold_start(cfg: PipelineConfig, work_dir: Path, tables: Tables, cold: ColdUs
     params = {k: v for k, v in als_params.items() if k != "settings_tried"}
     als = fit_als(counts, seed=cfg.train.seed, **params)
     with_history = cold_history_report(cold, history_queries, items, counts, warm_raw, als, cfg.train.history_length > 0,
-                                       cfg.eval, ks, cfg.data.seed)
+                                       cfg.eval, ks, cfg.data.seed, queries)
     return features_only, with_history
 
 

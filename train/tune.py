@@ -25,7 +25,8 @@ LOG = logging.getLogger(__name__)
 
 # Setting -> values tried. Temperature and the logQ weight shape the in-batch softmax; the
 # masking rates train the rows of new users; the embedding size and learning rate set capacity
-# and pace (epochs are chosen by early stopping on the tuning users within each trial).
+# and pace; the history length how much of a user's past the query pools (epochs are chosen by
+# early stopping on the tuning users within each trial).
 SPACE: dict[str, tuple] = {
     "train.temperature": (0.03, 0.05, 0.1, 0.2),
     "train.logq_correction": (0.0, 0.5, 1.0),
@@ -34,6 +35,7 @@ SPACE: dict[str, tuple] = {
     "train.mask_user_id": (0.0, 0.1, 0.2),
     "train.mask_features": (0.0, 0.05, 0.1),
     "train.dropout": (0.0, 0.2),
+    "train.history_length": (0, 10, 20, 50),
 }
 
 

@@ -53,6 +53,7 @@ def test_ragged_take_slice_padded():
     assert _rows(r.slice(1, 3)) == [[], [3, 4, 5]]
     # the latest `width` of a longer row, values first then the pad
     np.testing.assert_array_equal(r.padded(2, -1), [[1, 2], [-1, -1], [4, 5], [6, -1]])
+    assert _rows(r.emptied(np.array([False, True, True, False]))) == [[1, 2], [], [], [6]]
 
 
 def test_pool_mean_ignores_padding_and_unknown_codes():
@@ -87,3 +88,83 @@ def test_numpy_tower_pools_a_list_feature_and_is_batch_invariant():
     swapped = tower.embed({"user_id": users[:1], "history_item_ids": np.array([[7, 3, 0, 0, 0]])})
     np.testing.assert_allclose(swapped[0], together[0], atol=1e-6)
     assert np.abs(tower.embed({"user_id": users[:1], "history_item_ids": np.array([[8, 3]])})[0] - together[0]).max() > 1e-3
+
+
+def test_history_tower_shares_the_item_id_table(hist_trained):
+    """The history pools over the item tower's own id embedding: one variable for both towers."""
+    from merlin.models.tf.inputs.embedding import EmbeddingTable
+
+    from common import contract
+
+    model = hist_trained["run"].model
+
+    def tables(encoder):
+        found, stack = {}, [encoder.blocks[0]]
+        while stack:
+            layer = stack.pop()
+            if isinstance(layer, EmbeddingTable):
+                found[layer.name] = layer
+            parallel = getattr(layer, "parallel_layers", None)
+            stack.extend(parallel.values() if isinstance(parallel, dict) else getattr(layer, "layers", None) or [])
+        return found
+
+    history = tables(model.query_encoder)[contract.INPUT_HISTORY]
+    item_id = tables(model.candidate_encoder)["item_id"]
+    assert history.table is item_id.table
+    assert history.sequence_combiner == "mean"
+
+
+def test_exported_history_is_each_users_latest_training_positives(hist_trained):
+    """user_features.parquet's list column: the latest 5 training positives, raw ids, oldest first
+    (the tiny data has no timestamp, so row order is the order)."""
+    import pandas as pd
+
+    from common import contract
+
+    cfg = hist_trained["cfg"].data
+    raw = pd.read_parquet(hist_trained["work"] / "data" / "train.parquet")
+    positives = raw[cfg.is_positive(raw[cfg.label])]
+    table = pd.read_parquet(hist_trained["artifacts"] / contract.ARTIFACT_USER_FEATURES)
+    catalogue = set(pd.read_parquet(hist_trained["artifacts"] / contract.ARTIFACT_ITEM_FEATURES)[cfg.item_id])
+    by_user = positives.groupby(cfg.user_id)[cfg.item_id].apply(list)
+    checked = 0
+    for user, history in zip(table[cfg.user_id], table[contract.INPUT_HISTORY]):
+        expected = [i for i in by_user.get(user, []) if i in catalogue][-5:]
+        assert list(history) == expected, user
+        checked += len(expected) > 0
+    assert checked > 100
+
+
+def test_training_rows_carry_only_earlier_positives_of_the_same_user(hist_trained):
+    import pandas as pd
+
+    from common import contract
+    from train import etl
+    from train.fit import PREPARED_DIR
+
+    etl_dir = hist_trained["work"] / "etl"
+    original = etl.read_encoded(etl_dir / etl.TRAIN_DIR)  # unmasked user ids, same row order
+    prepared = pd.read_parquet(etl_dir / PREPARED_DIR)
+    assert len(prepared) == len(original)
+    seen: dict[int, list[int]] = {}
+    emptied = with_earlier = 0
+    for user, item, history in zip(original.user_id, original.item_id, prepared[contract.INPUT_HISTORY]):
+        earlier = seen.get(user, [])[-5:]
+        assert list(history) in (earlier, [])  # train.mask_history empties some
+        with_earlier += len(earlier) > 0
+        emptied += len(earlier) > 0 and len(history) == 0
+        seen.setdefault(user, []).append(item)
+    assert abs(emptied / with_earlier - hist_trained["cfg"].train.mask_history) < 0.03
+
+
+def test_compiled_history_tower_matches_tensorflow(hist_trained):
+    import json
+
+    from common import contract
+
+    manifest = json.loads((hist_trained["artifacts"] / contract.MANIFEST).read_text())
+    assert manifest["tower"]["compiled_max_abs_error"] < 1e-5
+    with np.load(hist_trained["artifacts"] / contract.ARTIFACT_QUERY_TOWER_COMPILED) as arrays:
+        assert list(arrays["pooled"]) == [contract.INPUT_HISTORY]
+        assert contract.INPUT_HISTORY in list(arrays["features"])
+    assert contract.INPUT_HISTORY in manifest["tensors"]["inputs"]
