@@ -192,6 +192,8 @@ def test_the_history_metric_counts_known_and_unknown_ids(hist_server, stored, ca
     from tests.integration.test_metrics import metric, scrape
 
     new_users = [10**9 + 1, 10**9 + 2]  # no stored history: what reaches the query is what was sent
+    # The model sends every FLUSH_INTERVAL_S: let the previous tests' counts arrive before the baseline.
+    time.sleep(3 * FLUSH_INTERVAL_S)
     before = scrape(hist_server)
     with RetrievalClient(hist_server.grpc_url) as c:
         for _ in range(3):
