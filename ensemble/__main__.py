@@ -60,6 +60,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _manifest_only(folder: Path) -> dict:
+    import json
+
+    from common.errors import ArtifactError
+
+    path = folder / contract.MANIFEST
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{path} cannot be read: {e}") from None
+
+
 def _history_length(manifest: dict) -> int:
     from common.manifest import artifacts_config
 
@@ -94,11 +106,11 @@ def main(argv=None) -> int:
         print(f"materialized {n} users under {store_namespace(manifest)} in {args.redis}")
         return 0
     if args.command == "append-click":
-        from common.manifest import read_manifest
-        from ensemble.loader import store_namespace
-        from ensemble.redis_store import append_click
+        from ensemble.redis_store import append_click, store_namespace
 
-        manifest = read_manifest(args.artifacts)
+        # The manifest alone: a click must be cheap, and materialize checked the files (a 1.5 GB index
+        # takes seconds to hash; ensemble.loader would import the whole serving stack).
+        manifest = _manifest_only(args.artifacts)
         history = append_click(args.redis, store_namespace(manifest), args.user, args.item)
         print(f"user {args.user}: history now {history.tolist()} (latest {_history_length(manifest)} kept)")
         return 0

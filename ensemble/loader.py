@@ -17,15 +17,11 @@ from common.errors import ArtifactError, ConfigError
 from common.manifest import verify_files
 from ensemble.executor import RetrievalExecutor
 from ensemble.graph import GraphRunner
+from ensemble.redis_store import store_namespace  # noqa: F401 - its home is light enough for the click CLI
 from ensemble.request import Limits
 
 LOG = logging.getLogger(__name__)
 REDIS_INSTALL = "pip install redis==5.0.8"
-
-
-def store_namespace(manifest: dict) -> str:
-    """The key prefix of an export in a shared feature store."""
-    return f"{contract.MODEL_NAME}:{manifest['artifacts_id']}"
 
 
 def model_parameters(model_dir: str | Path, version: int | None = None) -> tuple[dict[str, str], int]:

@@ -38,6 +38,11 @@ LOG = logging.getLogger(__name__)
 CHUNK = 5000
 
 
+def store_namespace(manifest: dict) -> str:
+    """The key prefix of an export in a shared feature store."""
+    return f"{contract.MODEL_NAME}:{manifest['artifacts_id']}"
+
+
 def _client(url: str, timeout_s: float = 5.0):
     import redis
 

@@ -311,3 +311,11 @@ def test_the_guard_refuses_a_history_that_claims_a_huge_shape():
                                   {"name": H, "shape": [1, 2**40], "datatype": "INT64", "data": [1]}]}).encode()
     with pytest.raises(Refused, match=re.escape("input 'history_item_ids': shape [1, 1099511627776] has a dimension outside 0..2147483647")):
         check_infer(body, None, GuardLimits(max_body_bytes=1 << 20, max_elements=1000))
+
+
+def test_append_click_reads_the_manifest_alone_and_names_it_when_missing(tmp_path):
+    from ensemble.__main__ import main
+
+    with pytest.raises(ArtifactError, match=exactly(
+            f"{tmp_path / contract.MANIFEST} cannot be read: [Errno 2] No such file or directory: '{tmp_path / contract.MANIFEST}'")):
+        main(["append-click", "--artifacts", str(tmp_path), "--redis", "redis://127.0.0.1:1/0", "--user", "1", "--item", "2"])
