@@ -191,6 +191,10 @@ def build_repository(artifacts_dir: str | Path, repository: str | Path, overwrit
     artifacts, repo = Path(artifacts_dir), Path(repository)
     manifest = read_manifest(artifacts)
     cfg = cfg or artifacts_config(manifest)
+    trained = artifacts_config(manifest).train.history_length
+    if cfg.train.history_length != trained:
+        raise ArtifactError(f"{artifacts} was trained with train.history_length {trained}; it cannot be served with "
+                            f"{cfg.train.history_length} (the query tower's inputs are fixed at training)")
     if repo.exists() and any(repo.iterdir()):
         if not overwrite:
             raise ArtifactError(f"{repo} exists and is not empty; pass --overwrite to replace it")

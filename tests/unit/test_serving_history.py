@@ -319,3 +319,16 @@ def test_append_click_reads_the_manifest_alone_and_names_it_when_missing(tmp_pat
     with pytest.raises(ArtifactError, match=exactly(
             f"{tmp_path / contract.MANIFEST} cannot be read: [Errno 2] No such file or directory: '{tmp_path / contract.MANIFEST}'")):
         main(["append-click", "--artifacts", str(tmp_path), "--redis", "redis://127.0.0.1:1/0", "--user", "1", "--item", "2"])
+
+
+def test_an_export_is_served_with_the_history_length_it_was_trained_with(trained, tmp_path):
+    import dataclasses
+
+    from ensemble.build import build_repository
+
+    cfg = dataclasses.replace(trained["cfg"], train=dataclasses.replace(trained["cfg"].train, history_length=5))
+    with pytest.raises(ArtifactError, match=exactly(
+            f"{trained['artifacts']} was trained with train.history_length 0; it cannot be served with 5 "
+            "(the query tower's inputs are fixed at training)")):
+        build_repository(trained["artifacts"], tmp_path / "repo", cfg=cfg)
+    assert not (tmp_path / "repo").exists()
