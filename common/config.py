@@ -227,8 +227,8 @@ class TrainConfig:
     dropout: float = 0.2
     mask_user_id: float = 0.1
     mask_features: float = 0.05
-    history_length: int = 0
-    mask_history: float = 0.1
+    history_length: int = 20
+    mask_history: float = 0.0
     early_stopping_patience: int = 3
     eval_ks: tuple[int, ...] = (10, 50, 100)
     seed: int = 42

@@ -135,26 +135,31 @@ def test_exported_history_is_each_users_latest_training_positives(hist_trained):
     assert checked > 100
 
 
-def test_training_rows_carry_only_earlier_positives_of_the_same_user(hist_trained):
+def test_training_rows_carry_only_earlier_positives_of_the_same_user(hist_trained, tmp_path):
+    import dataclasses
+    import shutil
+
     import pandas as pd
 
     from common import contract
     from train import etl
-    from train.fit import PREPARED_DIR
+    from train.fit import prepare_training_rows
 
-    etl_dir = hist_trained["work"] / "etl"
+    etl_dir = tmp_path / "etl"
+    shutil.copytree(hist_trained["work"] / "etl", etl_dir)
+    cfg = dataclasses.replace(hist_trained["cfg"].train, mask_history=0.3, mask_user_id=0.2)
     original = etl.read_encoded(etl_dir / etl.TRAIN_DIR)  # unmasked user ids, same row order
-    prepared = pd.read_parquet(etl_dir / PREPARED_DIR)
+    prepared = pd.read_parquet(prepare_training_rows(etl_dir, hist_trained["cfg"].data, cfg))
     assert len(prepared) == len(original)
     seen: dict[int, list[int]] = {}
     emptied = with_earlier = 0
     for user, item, history in zip(original.user_id, original.item_id, prepared[contract.INPUT_HISTORY]):
         earlier = seen.get(user, [])[-5:]
-        assert list(history) in (earlier, [])  # train.mask_history empties some
+        assert list(history) in (earlier, [])  # train.mask_history empties some; masked ids keep theirs
         with_earlier += len(earlier) > 0
         emptied += len(earlier) > 0 and len(history) == 0
         seen.setdefault(user, []).append(item)
-    assert abs(emptied / with_earlier - hist_trained["cfg"].train.mask_history) < 0.03
+    assert abs(emptied / with_earlier - 0.3) < 0.03
 
 
 def test_compiled_history_tower_matches_tensorflow(hist_trained):
