@@ -57,6 +57,9 @@ def merge_histories(stored: np.ndarray, sent: np.ndarray | None, width: int) -> 
         [n, width] int64, oldest first, padded at the end with HISTORY_PAD.
     """
     stored = np.asarray(stored, np.int64)
-    if sent is not None and np.asarray(sent).size:
-        stored = np.concatenate([stored.reshape(len(stored), -1), np.asarray(sent, np.int64).reshape(len(stored), -1)], axis=1)
-    return keep_latest(stored, width)
+    stored = stored.reshape(len(stored), -1)
+    if sent is None or not (np.asarray(sent) != HISTORY_PAD).any():
+        if stored.shape[1] == width:  # the stores' rows are the latest N already: nothing to move (half the lookup's time)
+            return stored
+        return keep_latest(stored, width)
+    return keep_latest(np.concatenate([stored, np.asarray(sent, np.int64).reshape(len(stored), -1)], axis=1), width)
