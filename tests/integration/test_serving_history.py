@@ -250,3 +250,40 @@ def test_append_click_reaches_the_next_answer_through_redis(hist_redis_repositor
     np.testing.assert_allclose(after.scores, expected[contract.OUTPUT_SCORES], atol=1e-4)
     assert not np.array_equal(after.scores, before.scores)
     assert after.unknown_user.tolist() == [False, True]
+
+
+def test_deploying_a_history_model_over_one_without_adds_the_input_and_rollback_removes_it(
+        repository, hist_trained, hist_executor, stored, catalogue, tmp_path, monkeypatch):
+    """Version 1 has no history input, version 2 (the history model) has one: each version's own
+    config.pbtxt is served, so the input comes and goes with the version; plain requests never fail."""
+    import shutil
+
+    from client.client import RetrievalClient
+    from common.errors import ClientError
+    from ensemble import deploy
+    from ensemble.server import TritonServer
+    from tests.integration.conftest import free_serve_config
+    from tests.integration.test_deploy import Loop
+
+    monkeypatch.setenv(contract.ADMIN_KEY_ENV, "test-admin-key")
+    repo = tmp_path / "repo"
+    shutil.copytree(repository, repo)
+    assert deploy.add_version(repo, hist_trained["artifacts"]) == 2
+    user, liked = int(stored.user_id[0]), [int(catalogue[5]), int(catalogue[6])]
+    refused = f"unexpected inference input '{H}' for model '{contract.MODEL_NAME}'"
+    with TritonServer(repo, free_serve_config(), log_path=tmp_path / "log.txt", model_control="explicit") as server:
+        loop = Loop(server.grpc_url, [user])
+        loop.start()
+        with RetrievalClient(server.grpc_url) as client:
+            with pytest.raises(ClientError, match=re.escape(refused)):
+                client.recommend([user], top_k=5, history=[liked])
+            deploy.activate(repo, 2, server.grpc_url)
+            answer = client.recommend([user], top_k=5, history=[liked])
+            assert answer.model_version == "2"
+            np.testing.assert_array_equal(answer.item_ids, _in_process(hist_executor, [user], [liked], top_k=5)[contract.OUTPUT_ITEM_IDS])
+            assert deploy.rollback(repo, server.grpc_url) == 1
+            with pytest.raises(ClientError, match=re.escape(refused)):
+                client.recommend([user], top_k=5, history=[liked])
+        loop.stop.set()
+        loop.join(10)
+    assert loop.errors == [] and {v for v, _ in loop.answers} >= {"1"}
