@@ -7,6 +7,8 @@ READY in the server's own model list.
 from __future__ import annotations
 
 import argparse
+import os
+import secrets
 import logging
 import time
 from pathlib import Path
@@ -40,6 +42,9 @@ def main(argv=None) -> int:
     from ensemble.server import TritonServer
 
     args = parse_args(argv)
+    # The model list is a restricted API: the demo's server and client share a key made for the run
+    # (or the caller's $RETRIEVAL_ADMIN_KEY).
+    os.environ.setdefault(contract.ADMIN_KEY_ENV, secrets.token_hex(16))
     cfg = ServeConfig(host=args.host, http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port)
     catalogue = np.load(args.artifacts / contract.ARTIFACT_ITEM_IDS)
     started = time.perf_counter()
