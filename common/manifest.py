@@ -118,7 +118,10 @@ def artifacts_config(manifest: dict[str, Any]):
     defaults (how to serve is a deployment choice, not something fixed at training)."""
     from common.config import config_from_dict
 
-    return config_from_dict({k: v for k, v in manifest["config"].items() if k != "serve"})
+    sections = {k: v for k, v in manifest["config"].items() if k != "serve"}
+    # Exported before the history input existed: its tower has none, whatever today's default.
+    sections["train"] = {"history_length": 0, **sections.get("train", {})}
+    return config_from_dict(sections)
 
 
 def _major_minor(version: str) -> tuple[str, ...]:

@@ -332,3 +332,21 @@ def test_an_export_is_served_with_the_history_length_it_was_trained_with(trained
             "(the query tower's inputs are fixed at training)")):
         build_repository(trained["artifacts"], tmp_path / "repo", cfg=cfg)
     assert not (tmp_path / "repo").exists()
+
+
+def test_an_export_from_before_the_history_input_is_served_without_one(trained):
+    """Manifests written before train.history_length existed lack it: such an export has no history
+    whatever today's default (20), and keeps its config.pbtxt without the input."""
+    import copy
+    import json
+
+    from common.manifest import artifacts_config
+    from ensemble.build import executor_config
+
+    manifest = json.loads((trained["artifacts"] / contract.MANIFEST).read_text())
+    old = copy.deepcopy(manifest)
+    del old["config"]["train"]["history_length"]
+    assert artifacts_config(old).train.history_length == 0
+    assert H not in {i.name for i in executor_config(artifacts_config(old)).input}
+    manifest["config"]["train"]["history_length"] = 7
+    assert artifacts_config(manifest).train.history_length == 7
