@@ -102,11 +102,14 @@ def append_click(url: str, namespace: str, user_id: int, item_ids, timeout_s: fl
 
     Raises:
         FeatureStoreError: the store cannot be reached, or holds no export under `namespace`.
-        ArtifactError: the export under `namespace` has no history input (history_length 0).
+        ArtifactError: the export under `namespace` has no history input (history_length 0), or an
+            id is HISTORY_PAD.
     """
     import redis
 
     items = np.asarray(item_ids, np.int64).reshape(-1)
+    if (items == contract.HISTORY_PAD).any():
+        raise ArtifactError(f"item id {contract.HISTORY_PAD} is the history's padding, not an item; nothing was appended")
     client = _client(url, timeout_s)
     meta_key, key = f"{namespace}:meta", f"{namespace}:h:{int(user_id)}"
     try:

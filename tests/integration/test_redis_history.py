@@ -67,6 +67,9 @@ def test_a_click_is_appended_and_the_latest_n_kept(redis_url, table):
     features, found = store.get(np.array([30, 10, 777]))
     assert features[H].tolist() == [[11, 12, 13], [4, PAD, PAD], [3, 4, 5]]
     assert found.tolist() == [True, True, False]
+    with pytest.raises(ArtifactError, match=exactly("item id -1 is the history's padding, not an item; nothing was appended")):
+        append_click(redis_url, "retrieval:hist-append", 30, [14, PAD])
+    assert store.get(np.array([30]))[0][H].tolist() == [[11, 12, 13]]
 
 
 def test_concurrent_clicks_are_none_lost(redis_url, table):
