@@ -78,7 +78,7 @@ def main(argv=None) -> int:
         try:
             cols = manifest["columns"]
             n, report["materialize_s"] = _timed(materialize, redis.url, store_namespace(manifest), args.artifacts / "user_features.parquet",
-                                                 cols["user_id"], tuple(cols["user_features"]))
+                                                 cols["user_id"], tuple(cols["user_features"]), history_length=cfg.train.history_length)
             report["materialized_users"] = n
             redis_repo = out / "repo_redis"
             shutil.rmtree(redis_repo, ignore_errors=True)

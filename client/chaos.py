@@ -65,7 +65,7 @@ def run_chaos(repository: Path, artifacts: Path, out: Path, short: bool = False)
 
         def rematerialize():
             materialize(redis_server.url, store_namespace(manifest), artifacts / contract.ARTIFACT_USER_FEATURES,
-                        cols["user_id"], tuple(cols["user_features"]))
+                        cols["user_id"], tuple(cols["user_features"]), history_length=base.train.history_length)
 
         rematerialize()
         redis_repo = build_repository(artifacts, out / "redis_repository", overwrite=True, cfg=dataclasses.replace(
