@@ -37,6 +37,7 @@ class Tally:
 
     good: int = 0
     good_errors: int = 0
+    with_history: int = 0  # good requests that sent histories (a history model only)
     bad: int = 0
     bad_answered: int = 0
     bad_wrong_message: int = 0
@@ -65,7 +66,8 @@ def memory_mb(server_pid: int) -> dict[str, float]:
     return out
 
 
-def _worker(url: str, users: np.ndarray, catalogue: np.ndarray, deadline: float, bad_fraction: float, cases, tally: Tally, seed: int) -> None:
+def _worker(url: str, users: np.ndarray, catalogue: np.ndarray, deadline: float, bad_fraction: float, cases, tally: Tally, seed: int,
+            history: bool = False) -> None:
     import tritonclient.grpc as grpc_module
 
     from client.bad_requests import send
@@ -93,9 +95,13 @@ def _worker(url: str, users: np.ndarray, catalogue: np.ndarray, deadline: float,
             seen = rng.random() < 0.2
             # Exclusions depend on the user only, so the same question always gets the same answer.
             exclude = [[int(catalogue[u % len(catalogue)]), int(catalogue[(7 * u) % len(catalogue)])] for u in batch] if with_exclusions else None
+            # A history model also gets recent clicks, 1 to 3 of them per user (the user alone decides
+            # which), so dynamic batches mix histories of several widths with none.
+            with_history = history and rng.random() < 0.3
+            sent = [[int(catalogue[(3 * u + j) % len(catalogue)]) for j in range(1 + u % 3)] for u in batch] if with_history else None
             started = time.perf_counter()
             try:
-                recs = client.recommend(batch, top_k=k, exclude=exclude, exclude_seen=seen)
+                recs = client.recommend(batch, top_k=k, exclude=exclude, exclude_seen=seen, history=sent)
                 recs.check(k)
             except Exception as e:  # noqa: BLE001 - every failure of a good request counts
                 with tally.lock:
@@ -106,9 +112,10 @@ def _worker(url: str, users: np.ndarray, catalogue: np.ndarray, deadline: float,
             elapsed = (time.perf_counter() - started) * 1000
             with tally.lock:
                 tally.good += 1
+                tally.with_history += with_history
                 tally.latencies_ms.append(elapsed)
                 for u, row, scores in zip(batch, recs.item_ids, recs.scores):
-                    key = (u, k, with_exclusions, seen)
+                    key = (u, k, with_exclusions, seen, with_history)
                     first = tally.answers.setdefault(key, (row, scores))
                     if not np.array_equal(first[0], row):
                         tally.changed_answers += 1
@@ -121,7 +128,9 @@ def _worker(url: str, users: np.ndarray, catalogue: np.ndarray, deadline: float,
 def run_soak(url: str, server_pid: int, artifacts: Path, duration_s: float, concurrency: int,
              bad_fraction: float = 0.1, sample_every_s: float = 2.0, seed: int = 0) -> dict:
     """Drives a running server and returns the report (see the module docstring)."""
-    from client.bad_requests import corpus
+    from client.bad_requests import corpus, history_corpus
+    from common.config import MAX_HISTORY
+    from common.manifest import artifacts_config
 
     users = pd.read_parquet(artifacts / contract.ARTIFACT_USER_FEATURES)
     feature = users.columns[1]
@@ -131,10 +140,13 @@ def run_soak(url: str, server_pid: int, artifacts: Path, duration_s: float, conc
     serve = manifest["config"]["serve"]
     cases = [c for c in corpus(serve["max_batch_size"], serve["max_top_k"], serve["max_exclude"], feature, int(user_ids[0]), len(catalogue))
              if c.name != "huge_payload"]  # 16 MB each: tested elsewhere, too heavy for a loop
+    history = artifacts_config(manifest).train.history_length
+    cases += [c for c in history_corpus(history, MAX_HISTORY, int(user_ids[0])) if c.name != "history_huge_payload"]
     tally = Tally()
     started = time.monotonic()
     deadline = started + duration_s
-    threads = [threading.Thread(target=_worker, args=(url, user_ids, catalogue, deadline, bad_fraction, cases, tally, seed + i), daemon=True)
+    threads = [threading.Thread(target=_worker, args=(url, user_ids, catalogue, deadline, bad_fraction, cases, tally, seed + i, history > 0),
+                                daemon=True)
                for i in range(concurrency)]
     for t in threads:
         t.start()
@@ -156,7 +168,7 @@ def run_soak(url: str, server_pid: int, artifacts: Path, duration_s: float, conc
     lat = np.array(tally.latencies_ms) if tally.latencies_ms else np.zeros(1)
     report = {
         "duration_s": duration_s, "concurrency": concurrency, "bad_fraction": bad_fraction,
-        "good_requests": tally.good, "errors_on_good": tally.good_errors,
+        "good_requests": tally.good, "errors_on_good": tally.good_errors, "requests_with_history": tally.with_history,
         "bad_requests": tally.bad, "bad_answered": tally.bad_answered, "bad_unexpected_message": tally.bad_wrong_message,
         "changed_answers": tally.changed_answers, "distinct_questions": len(tally.answers),
         "good_per_s": tally.good / duration_s,
