@@ -210,6 +210,8 @@ class TrainConfig:
             training example sees the N positives before it. 0: no history input.
         mask_history: share of training examples whose history is emptied (a user the server
             knows nothing of yet sends none), independently of the other masks.
+        mask_new_user: share of training examples made to look like a brand-new user: the
+            unknown id and an empty history together (what a new user without clicks sends).
         early_stopping_patience: epochs without a better validation recall before stopping (0: off).
         eval_ks: cut-offs of the full-catalogue evaluation.
         seed: seed of TensorFlow and NumPy during training.
@@ -229,6 +231,7 @@ class TrainConfig:
     mask_features: float = 0.05
     history_length: int = 20
     mask_history: float = 0.0
+    mask_new_user: float = 0.0
     early_stopping_patience: int = 3
     eval_ks: tuple[int, ...] = (10, 50, 100)
     seed: int = 42
@@ -252,6 +255,7 @@ class TrainConfig:
         _check(0 <= self.mask_features <= 0.5, f"train.mask_features must be in [0, 0.5], got {self.mask_features}")
         _check(0 <= self.history_length <= MAX_HISTORY, f"train.history_length must be in [0, {MAX_HISTORY}], got {self.history_length}")
         _check(0 <= self.mask_history < 1, f"train.mask_history must be in [0, 1), got {self.mask_history}")
+        _check(0 <= self.mask_new_user < 1, f"train.mask_new_user must be in [0, 1), got {self.mask_new_user}")
         _check(self.early_stopping_patience >= 0, "train.early_stopping_patience must be >= 0")
         _check(len(self.eval_ks) >= 1 and min(self.eval_ks) >= 1, "train.eval_ks needs cut-offs >= 1")
 

@@ -52,20 +52,23 @@ def compile_query_tower(encoder: tf.keras.Model, probe: dict[str, np.ndarray]) -
     from train.history import Ragged
 
     input_block, *rest = encoder.blocks
-    tables, pooled = {}, set()
+    # List features are the probe's Ragged inputs (the history). merlin's `Embeddings` gives every
+    # table sequence_combiner="mean" whether its column is a list or not, so the combiner alone
+    # cannot say which tables pool.
+    pooled = {name for name, values in probe.items() if isinstance(values, Ragged)}
+    tables = {}
     stack = [input_block]
     while stack:
         layer = stack.pop()
         if isinstance(layer, EmbeddingTable):
             tables[layer.name] = layer.table.embeddings.numpy()
-            if layer.sequence_combiner is not None:
-                if layer.sequence_combiner != "mean":
-                    raise ArtifactError(f"query tower list feature {layer.name} pools by {layer.sequence_combiner!r}; only 'mean' compiles")
-                pooled.add(layer.name)
+            if layer.name in pooled and layer.sequence_combiner != "mean":
+                raise ArtifactError(f"query tower list feature {layer.name} pools by {layer.sequence_combiner!r}; only 'mean' compiles")
         stack.extend(getattr(layer, "parallel_layers", {}).values() if isinstance(getattr(layer, "parallel_layers", None), dict) else _layers(layer))
     if set(tables) != set(probe):
         raise ArtifactError(f"query tower tables {sorted(tables)} do not match its inputs {sorted(probe)}")
 
+    probe = with_new_user_rows(probe, pooled)
     inputs = {k: tf.RaggedTensor.from_row_splits(tf.constant(v.values.astype(np.int32)), tf.constant(v.offsets))
               if isinstance(v, Ragged) else tf.constant(v) for k, v in probe.items()}
     width = max([int(v.lengths.max(initial=0)) for v in probe.values() if isinstance(v, Ragged)] + [1])
@@ -117,6 +120,22 @@ def compile_query_tower(encoder: tf.keras.Model, probe: dict[str, np.ndarray]) -
     LOG.info("query tower compiled: %d tables, %d dense layers, max |numpy - tensorflow| = %.1e", len(order), len(kernels), error)
     arrays["max_abs_error"] = np.array(error)
     return arrays
+
+
+def with_new_user_rows(probe: dict, pooled: set[str]) -> dict:
+    """The probe plus the rows a new user sends: every scalar feature missing (code 1), then unseen
+    (code 2), with an empty history, so that the check below covers the rows warm users never hit."""
+    from nvtabular.ops.categorify import NULL_OFFSET, OOV_OFFSET
+
+    from train.history import Ragged
+
+    out = {}
+    for name, values in probe.items():
+        if name in pooled:
+            out[name] = Ragged(values.values, np.concatenate([values.offsets, [values.offsets[-1]] * 2]))
+        else:
+            out[name] = np.concatenate([values, np.array([NULL_OFFSET, OOV_OFFSET], dtype=values.dtype)])
+    return out
 
 
 def save_compiled(arrays: dict[str, np.ndarray], path: Path) -> None:

@@ -197,14 +197,15 @@ def prepare_training_rows(etl_dir: Path, data_cfg: DataConfig, cfg: TrainConfig,
     History (`history_length` > 0): each row gets the list column `history_item_ids`, the item
     codes of the same user's `history_length` positives before it (by `key`, the time, else row
     order), computed on the real user ids before any masking; a `mask_history` share of rows
-    gets an empty one.
+    gets an empty one. A `mask_new_user` share looks like a user the server has never seen: the
+    unknown id and no history (their features stay, masked as above).
 
     Returns the training folder to read (the ETL's own when there is nothing to add).
     """
     from nvtabular.ops.categorify import NULL_OFFSET, OOV_OFFSET
 
     source = etl_dir / etl_stage.TRAIN_DIR
-    if cfg.mask_user_id == 0 and cfg.mask_features == 0 and cfg.history_length == 0:
+    if cfg.mask_user_id == 0 and cfg.mask_features == 0 and cfg.mask_new_user == 0 and cfg.history_length == 0:
         return source
     frame = etl_stage.read_encoded(source)
     history = None
@@ -222,6 +223,11 @@ def prepare_training_rows(etl_dir: Path, data_cfg: DataConfig, cfg: TrainConfig,
         values = np.where(draw < cfg.mask_features, NULL_OFFSET, values)
         values = np.where((draw >= cfg.mask_features) & (draw < 2 * cfg.mask_features), OOV_OFFSET, values)
         frame[name] = values.astype(frame[name].dtype)
+    if cfg.mask_new_user:  # drawn last, so that the other masks stay as they were without it
+        new = rng.random(n) < cfg.mask_new_user
+        frame[data_cfg.user_id] = np.where(new, OOV_OFFSET, frame[data_cfg.user_id].to_numpy()).astype(ids.dtype)
+        if history is not None:
+            history = history.emptied(new)
     table = pa.Table.from_pandas(frame, preserve_index=False)
     if history is not None:
         lists = pa.ListArray.from_arrays(pa.array(history.offsets.astype(np.int32)), pa.array(history.values.astype(np.int32)))

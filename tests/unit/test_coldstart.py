@@ -63,7 +63,7 @@ def test_masking_trains_the_unknown_and_missing_rows(trained, tiny_cfg, tmp_path
     kept = masked.user_id != OOV_OFFSET
     assert (masked.user_id[kept] == original.user_id[kept]).all()
     pd.testing.assert_frame_equal(masked[["item_id", "click"]], original[["item_id", "click"]])
-    off = TrainConfig(mask_user_id=0.0, mask_features=0.0)
+    off = TrainConfig(mask_user_id=0.0, mask_features=0.0, history_length=0)
     assert prepare_training_rows(etl_dir, tiny_cfg.data, off) == etl_dir / etl.TRAIN_DIR
 
 

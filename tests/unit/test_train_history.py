@@ -173,3 +173,24 @@ def test_compiled_history_tower_matches_tensorflow(hist_trained):
         assert list(arrays["pooled"]) == [contract.INPUT_HISTORY]
         assert contract.INPUT_HISTORY in list(arrays["features"])
     assert contract.INPUT_HISTORY in manifest["tensors"]["inputs"]
+
+
+def test_only_the_history_pools_and_new_user_rows_match_tensorflow(trained, hist_trained):
+    """merlin gives every table sequence_combiner="mean"; only the list column may pool, or the
+    missing (1) and unseen (2) codes of a new user would pool to zeros instead of their trained rows."""
+    import tensorflow as tf
+
+    from common import contract
+
+    for run, pooled in ((trained, []), (hist_trained, [contract.INPUT_HISTORY])):
+        with np.load(run["artifacts"] / contract.ARTIFACT_QUERY_TOWER_COMPILED) as arrays:
+            tower = NumpyTower({k: arrays[k] for k in arrays.files})
+        assert sorted(tower.pooled) == pooled
+        features = [f for f in tower.features if f not in tower.pooled]
+        new_users = {f: np.array([1, 2, 1], np.int32) for f in features}
+        tf_inputs = {f: tf.constant(v) for f, v in new_users.items()}
+        if pooled:
+            new_users[contract.INPUT_HISTORY] = np.zeros((3, 5), np.int64)
+            tf_inputs[contract.INPUT_HISTORY] = tf.RaggedTensor.from_row_lengths(tf.zeros(0, tf.int32), tf.constant([0, 0, 0]))
+        expected = run["run"].model.query_encoder(tf_inputs, training=False).numpy()
+        np.testing.assert_allclose(tower.embed(new_users), expected, atol=1e-5)
