@@ -26,6 +26,9 @@ PYTEST_ARGS ?=
 MODEL_CONTROL ?= none
 BENCH_ITEMS ?= 1000000
 BENCH_FLAGS ?=
+# The stock Merlin reference cannot feed a history input: the benchmark serves an export without one.
+BENCH_ARTIFACTS ?= $(BUILD)/bench-artifacts
+BENCH_WORK ?= $(BUILD)/bench-work
 SOAK_DURATION_S ?= 600
 SOAK_CONCURRENCY ?= 16
 HEALTH_PORT ?= 8003
@@ -113,8 +116,9 @@ bench-seed: $(STAMP) ## serving at the seed's size on its trained catalogue, emb
 	$(PY) -m bench.seed_size --artifacts $(SEED_ARTIFACTS) --out $(BUILD)/scale/serving --tools .tools/perf_analyzer
 
 bench: $(STAMP) ## serving benchmark at BENCH_ITEMS items (above 1M, ours at 1M too): ours vs the Merlin reference (stock; given our index; and batching) vs Triton's floor, ratio targets -> $(BUILD)/bench
-	@test -f $(ARTIFACTS)/manifest.json || $(MAKE) --no-print-directory train
-	$(PY) -m bench --artifacts $(ARTIFACTS) --work $(WORK) --out $(BUILD)/bench --items $(BENCH_ITEMS) --tools .tools/perf_analyzer $(BENCH_FLAGS)
+	@test -f $(BENCH_ARTIFACTS)/manifest.json || $(PY) -m train run --work $(BENCH_WORK) --out $(BENCH_ARTIFACTS) --overwrite \
+		$(CONFIG_FLAG) --set train.history_length=0
+	$(PY) -m bench --artifacts $(BENCH_ARTIFACTS) --work $(BENCH_WORK) --out $(BUILD)/bench --items $(BENCH_ITEMS) --tools .tools/perf_analyzer $(BENCH_FLAGS)
 
 test: $(STAMP) ## unit and integration tests (starts the real tritonserver on free ports)
 	$(PY) -m pytest tests $(PYTEST_ARGS)

@@ -43,6 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     from bench import indexes, reference, report, scale, systems, train_speed, trivial
+    from common.errors import ConfigError
     from common.manifest import artifacts_config, read_manifest
     from ensemble.build import build_repository
 
@@ -52,6 +53,11 @@ def main(argv=None) -> int:
     concurrencies = [int(c) for c in args.concurrency.split(",") if c]
     manifest = read_manifest(args.artifacts)
     cfg = artifacts_config(manifest)
+    if cfg.train.history_length:
+        raise ConfigError(
+            f"{args.artifacts} was trained with a history input (train.history_length {cfg.train.history_length}); the stock "
+            "Merlin reference this benchmark compares with has no way to feed it. Benchmark an export trained with "
+            "--set train.history_length=0 (make bench trains one into BENCH_ARTIFACTS when it is missing)")
 
     index_cfg = IndexConfig(recall_sample=args.recall_queries)
     baseline_items = min(args.items, args.baseline_items)

@@ -162,3 +162,14 @@ def test_report_attributes_the_gain_step_by_step():
     assert f"| {FLOOR} | 1.000 | <= 1.25 | PASS |" in md
     assert f"| {MEMORY} | 2000.000 | < 3072 | PASS |" in md
     json.dumps(report)
+
+
+def test_bench_refuses_an_export_with_a_history_input(hist_trained, tmp_path):
+    """The stock reference cannot feed the history; the bench says so before any work."""
+    from bench.__main__ import main
+    from common.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"was trained with a history input \(train.history_length 5\); the stock Merlin reference"):
+        main(["--artifacts", str(hist_trained["artifacts"]), "--work", str(hist_trained["work"]), "--out", str(tmp_path / "bench"),
+              "--items", "1000"])
+    assert not (tmp_path / "bench" / "artifacts_scaled").exists()
