@@ -142,15 +142,8 @@ def parse_request(tensors: Mapping[str, np.ndarray | None], params: Mapping[str,
     if exclude is None:
         exclude = np.zeros((batch, 0), dtype=np.int64)
     else:
-        if exclude.dtype != np.int64:
-            raise RequestError(f"input {contract.INPUT_EXCLUDE!r} must be INT64, got {exclude.dtype}")
-        if exclude.ndim != 2 or exclude.shape[0] != batch:
-            raise RequestError(
-                f"input {contract.INPUT_EXCLUDE!r} must have shape [{batch}, n] (one row per user, padded with "
-                f"{contract.EXCLUDE_PAD}), got {list(exclude.shape)}"
-            )
-        if exclude.shape[1] > limits.max_exclude:
-            raise RequestError(f"input {contract.INPUT_EXCLUDE!r} has {exclude.shape[1]} ids per user, over the maximum of {limits.max_exclude}")
+        _check_id_rows(exclude, contract.INPUT_EXCLUDE, batch, limits.max_exclude, "",
+                       f"one row per user, padded with {contract.EXCLUDE_PAD}")
     features = {}
     for name in limits.user_features:
         values = tensors.get(name)
@@ -177,16 +170,19 @@ def _parse_history(history: np.ndarray | None, batch: int, limits: Limits) -> np
         return None
     if not limits.history_length:
         raise RequestError(f"input {name!r} is not accepted: this model was trained without a history input (train.history_length 0)")
-    if history.dtype != np.int64:
-        raise RequestError(f"input {name!r} must be INT64 raw item ids, got {history.dtype}")
-    if history.ndim != 2 or history.shape[0] != batch:
-        raise RequestError(
-            f"input {name!r} must have shape [{batch}, n] (one row per user, oldest first, padded with "
-            f"{contract.HISTORY_PAD}), got {list(history.shape)}"
-        )
-    if history.shape[1] > limits.max_history:
-        raise RequestError(f"input {name!r} has {history.shape[1]} ids per user, over the maximum of {limits.max_history}")
+    _check_id_rows(history, name, batch, limits.max_history, " raw item ids",
+                   f"one row per user, oldest first, padded with {contract.HISTORY_PAD}")
     return history
+
+
+def _check_id_rows(values: np.ndarray, name: str, batch: int, maximum: int, dtype_hint: str, layout: str) -> None:
+    """An INT64 [batch, n] input of raw item ids (exclusions, history) with n <= maximum."""
+    if values.dtype != np.int64:
+        raise RequestError(f"input {name!r} must be INT64{dtype_hint}, got {values.dtype}")
+    if values.ndim != 2 or values.shape[0] != batch:
+        raise RequestError(f"input {name!r} must have shape [{batch}, n] ({layout}), got {list(values.shape)}")
+    if values.shape[1] > maximum:
+        raise RequestError(f"input {name!r} has {values.shape[1]} ids per user, over the maximum of {maximum}")
 
 
 def _padded(rows: list[np.ndarray | None], batches: list[int], pad: int) -> np.ndarray:

@@ -20,14 +20,17 @@ def tiny_cfg():
     return load_config(TINY, environ={})
 
 
+def _train(cfg, root: Path) -> dict:
+    from train.pipeline import run_training
+
+    run = run_training(cfg, root / "work", root / "artifacts")
+    return {"run": run, "work": root / "work", "artifacts": root / "artifacts", "cfg": cfg}
+
+
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory, tiny_cfg):
     """One tiny training run (data, ETL, training, evaluation, export) for the whole session."""
-    from train.pipeline import run_training
-
-    root = tmp_path_factory.mktemp("trained")
-    run = run_training(tiny_cfg, root / "work", root / "artifacts")
-    return {"run": run, "work": root / "work", "artifacts": root / "artifacts", "cfg": tiny_cfg}
+    return _train(tiny_cfg, tmp_path_factory.mktemp("trained"))
 
 
 @pytest.fixture(scope="session")
@@ -54,12 +57,8 @@ def hist_trained(tmp_path_factory, tiny_cfg):
     """The tiny preset trained with a history input (train.history_length 5): about 20 s here."""
     import dataclasses
 
-    from train.pipeline import run_training
-
     cfg = dataclasses.replace(tiny_cfg, train=dataclasses.replace(tiny_cfg.train, history_length=HISTORY_LENGTH))
-    root = tmp_path_factory.mktemp("hist_trained")
-    run = run_training(cfg, root / "work", root / "artifacts")
-    return {"run": run, "work": root / "work", "artifacts": root / "artifacts", "cfg": cfg}
+    return _train(cfg, tmp_path_factory.mktemp("hist_trained"))
 
 
 @pytest.fixture(scope="session")

@@ -11,13 +11,11 @@ import pytest
 from ensemble.server import free_serve_config  # noqa: F401 - the tests import it from here
 
 
-@pytest.fixture(scope="session")
-def server(repository, tmp_path_factory):
+def _served(repository, log_dir):
     """A started, ready server; a failure to start fails the tests with the server's log."""
     from ensemble.server import TritonServer
 
-    log = tmp_path_factory.mktemp("server") / "tritonserver.log"
-    srv = TritonServer(repository, free_serve_config(), log_path=log)
+    srv = TritonServer(repository, free_serve_config(), log_path=log_dir / "tritonserver.log")
     srv.start()
     try:
         srv.wait_ready()
@@ -25,30 +23,30 @@ def server(repository, tmp_path_factory):
     finally:
         code = srv.close()
         assert code == 0, f"tritonserver exited with {code}:\n{srv.log_tail()}"
+
+
+@pytest.fixture(scope="session")
+def server(repository, tmp_path_factory):
+    yield from _served(repository, tmp_path_factory.mktemp("server"))
 
 
 @pytest.fixture(scope="session")
 def hist_server(hist_repository, tmp_path_factory):
     """The history-aware variant (train.history_length 5), served the same way."""
-    from ensemble.server import TritonServer
+    yield from _served(hist_repository, tmp_path_factory.mktemp("hist_server"))
 
-    srv = TritonServer(hist_repository, free_serve_config(), log_path=tmp_path_factory.mktemp("hist_server") / "tritonserver.log")
-    srv.start()
-    try:
-        srv.wait_ready()
-        yield srv
-    finally:
-        code = srv.close()
-        assert code == 0, f"tritonserver exited with {code}:\n{srv.log_tail()}"
+
+def client_of(srv, protocol: str):
+    """A client of a started server over one protocol, closed after the test."""
+    from client.client import RetrievalClient
+
+    with RetrievalClient(srv.grpc_url if protocol == "grpc" else srv.http_url, protocol) as c:
+        yield c
 
 
 @pytest.fixture(params=["grpc", "http"])
 def client(request, server):
-    from client.client import RetrievalClient
-
-    url = server.grpc_url if request.param == "grpc" else server.http_url
-    with RetrievalClient(url, request.param) as c:
-        yield c
+    yield from client_of(server, request.param)
 
 
 @pytest.fixture(scope="module")

@@ -37,6 +37,18 @@ def metric(values, name, **labels):
     return total
 
 
+def scrape_after(server, before: dict[str, float], name: str, at_least: float) -> dict[str, float]:
+    """The metrics once `name` has grown by `at_least` since `before`, and one more send for the rest.
+
+    The model sends its metrics from a background thread every FLUSH_INTERVAL_S."""
+    deadline = time.monotonic() + 25 * FLUSH_INTERVAL_S
+    while metric(scrape(server), name) - metric(before, name) < at_least:
+        assert time.monotonic() < deadline, f"{name} did not reach the metrics port within 25 flush intervals"
+        time.sleep(FLUSH_INTERVAL_S / 4)
+    time.sleep(FLUSH_INTERVAL_S)
+    return scrape(server)
+
+
 def test_our_families_count_what_we_sent(server, trained):
     from client.client import RetrievalClient
 
@@ -48,14 +60,7 @@ def test_our_families_count_what_we_sent(server, trained):
         client.recommend(users[:1], top_k=3, exclude_seen=True)
         with pytest.raises(ClientError):
             client.recommend(users[:1], top_k=0)
-    # The model sends its metrics from a background thread every FLUSH_INTERVAL_S: wait until the
-    # request counters show the 6 requests, then one more interval for the rest of that send.
-    deadline = time.monotonic() + 25 * FLUSH_INTERVAL_S
-    while metric(scrape(server), "retrieval_requests_total") - metric(before, "retrieval_requests_total") < 6:
-        assert time.monotonic() < deadline, "the request counters did not reach the metrics port within 25 flush intervals"
-        time.sleep(FLUSH_INTERVAL_S / 4)
-    time.sleep(FLUSH_INTERVAL_S)
-    after = scrape(server)
+    after = scrape_after(server, before, "retrieval_requests_total", 6)  # the 6 requests, and the rest of that send
 
     def delta(name, **labels):
         return metric(after, name, **labels) - metric(before, name, **labels)

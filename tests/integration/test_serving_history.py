@@ -14,6 +14,7 @@ from client.bad_requests import HISTORY_CASES, history_corpus, send
 from common import contract
 from common.config import MAX_HISTORY
 from tests.conftest import HISTORY_LENGTH
+from tests.integration.conftest import client_of
 
 pytestmark = pytest.mark.integration
 
@@ -23,11 +24,7 @@ TOP_K = 10
 
 @pytest.fixture(params=["grpc", "http"])
 def hist_client(request, hist_server):
-    from client.client import RetrievalClient
-
-    url = hist_server.grpc_url if request.param == "grpc" else hist_server.http_url
-    with RetrievalClient(url, request.param) as c:
-        yield c
+    yield from client_of(hist_server, request.param)
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +186,7 @@ def test_the_history_metric_counts_known_and_unknown_ids(hist_server, stored, ca
 
     from client.client import RetrievalClient
     from ensemble.metrics import FLUSH_INTERVAL_S
-    from tests.integration.test_metrics import metric, scrape
+    from tests.integration.test_metrics import metric, scrape, scrape_after
 
     new_users = [10**9 + 1, 10**9 + 2]  # no stored history: what reaches the query is what was sent
     # The model sends every FLUSH_INTERVAL_S: let the previous tests' counts arrive before the baseline.
@@ -198,12 +195,7 @@ def test_the_history_metric_counts_known_and_unknown_ids(hist_server, stored, ca
     with RetrievalClient(hist_server.grpc_url) as c:
         for _ in range(3):
             c.recommend(new_users, top_k=3, history=[[int(catalogue[1]), 99_999_999, int(catalogue[2])], [99_999_998]])
-    deadline = time.monotonic() + 25 * FLUSH_INTERVAL_S
-    while metric(scrape(hist_server), "retrieval_history_items_total") - metric(before, "retrieval_history_items_total") < 12:
-        assert time.monotonic() < deadline, "the history counters did not reach the metrics port within 25 flush intervals"
-        time.sleep(FLUSH_INTERVAL_S / 4)
-    time.sleep(FLUSH_INTERVAL_S)
-    after = scrape(hist_server)
+    after = scrape_after(hist_server, before, "retrieval_history_items_total", 12)
 
     def delta(**labels):
         return metric(after, "retrieval_history_items_total", **labels) - metric(before, "retrieval_history_items_total", **labels)
