@@ -41,6 +41,9 @@ class Tables:
         train_pairs: (user rows [n], item rows [n]) of training positives.
         valid_pairs: (user rows [m], item rows [m]) of held-out positives; item row -1 when the
             item is not in the catalogue. Users absent from training are dropped.
+        seen_pairs: what rankings leave out when it is not the training positives (data.seen=all).
+        train_key: [n] the time of each training positive (None without a timestamp: row order),
+            which orders the histories.
     """
 
     users: pd.DataFrame
@@ -184,7 +187,7 @@ def embeddings(model: tf.keras.Model, tables: Tables, history_length: int = 0) -
 PREPARED_DIR = "train_prepared"
 
 
-def prepare_training_rows(etl_dir: Path, data_cfg: DataConfig, cfg: TrainConfig, key: np.ndarray | None = None) -> Path:
+def prepare_training_rows(etl_dir: Path, data_cfg: DataConfig, cfg: TrainConfig) -> Path:
     """The encoded training positives as the model trains on them: masked, with their history.
 
     Masking (cold-start rows): a `mask_user_id` share of rows gets the unknown-id code
@@ -195,8 +198,8 @@ def prepare_training_rows(etl_dir: Path, data_cfg: DataConfig, cfg: TrainConfig,
     initial values. Seeded by cfg.seed.
 
     History (`history_length` > 0): each row gets the list column `history_item_ids`, the item
-    codes of the same user's `history_length` positives before it (by `key`, the time, else row
-    order), computed on the real user ids before any masking; a `mask_history` share of rows
+    codes of the same user's `history_length` positives before it (by time where the data has a
+    timestamp, else row order), computed on the real user ids before any masking; a `mask_history` share of rows
     gets an empty one. A `mask_new_user` share looks like a user the server has never seen: the
     unknown id and no history (their features stay, masked as above).
 
@@ -210,7 +213,9 @@ def prepare_training_rows(etl_dir: Path, data_cfg: DataConfig, cfg: TrainConfig,
     frame = etl_stage.read_encoded(source)
     history = None
     if cfg.history_length:
-        history = previous_items(frame[data_cfg.user_id].to_numpy(), frame[data_cfg.item_id].to_numpy(), key, cfg.history_length)
+        items = frame[data_cfg.item_id].to_numpy()
+        key = training_order_key(etl_dir.parent / DATA_DIR / TRAIN_FILE, data_cfg, items, item_codes_of_raw(etl_dir, data_cfg))
+        history = previous_items(frame[data_cfg.user_id].to_numpy(), items, key, cfg.history_length)
     rng = np.random.default_rng(cfg.seed + 7)
     n = len(frame)
     ids = frame[data_cfg.user_id].to_numpy()
@@ -247,11 +252,11 @@ def history_column(item_id: ColumnSchema) -> ColumnSchema:
                         properties=dict(item_id.properties), is_list=True, is_ragged=True)
 
 
-def training_dataset(etl_dir: Path, data_cfg: DataConfig, cfg: TrainConfig, key: np.ndarray | None) -> Dataset:
+def training_dataset(etl_dir: Path, data_cfg: DataConfig, cfg: TrainConfig) -> Dataset:
     """The prepared training rows as a merlin Dataset whose schema holds only the towers' columns."""
     source_schema = Dataset(str(etl_dir / etl_stage.TRAIN_DIR), engine="parquet").schema
     user_schema, item_schema = tower_schemas(source_schema)
-    train = Dataset(str(prepare_training_rows(etl_dir, data_cfg, cfg, key)), engine="parquet")
+    train = Dataset(str(prepare_training_rows(etl_dir, data_cfg, cfg)), engine="parquet")
     schema = user_schema + item_schema
     if cfg.history_length:
         schema = schema + Schema([history_column(item_schema[data_cfg.item_id])])
@@ -280,7 +285,7 @@ def train_two_tower(cfg: TrainConfig, data_cfg: DataConfig, etl_dir: Path, table
         tune: the tuning users (see train.evaluate.split_tune_eval), never the reported ones.
     """
     tf.keras.utils.set_random_seed(cfg.seed)
-    train = training_dataset(etl_dir, data_cfg, cfg, tables.train_key)
+    train = training_dataset(etl_dir, data_cfg, cfg)
     item_schema = train.schema.select_by_tag(Tags.ITEM)
     probs = None
     if cfg.logq_correction > 0:

@@ -194,3 +194,38 @@ def test_only_the_history_pools_and_new_user_rows_match_tensorflow(trained, hist
             tf_inputs[contract.INPUT_HISTORY] = tf.RaggedTensor.from_row_lengths(tf.zeros(0, tf.int32), tf.constant([0, 0, 0]))
         expected = run["run"].model.query_encoder(tf_inputs, training=False).numpy()
         np.testing.assert_allclose(tower.embed(new_users), expected, atol=1e-5)
+
+
+def test_training_histories_follow_the_timestamp_and_refuse_a_misaligned_split(hist_trained, tmp_path):
+    """With data.timestamp, a row's history is the user's positives at earlier times, whatever the
+    rows' order in the file; raw positives that no longer line up with the encoded ones are an error."""
+    import dataclasses
+    import shutil
+
+    import pandas as pd
+
+    from common import contract
+    from common.errors import DataError
+    from train import etl
+    from train.fit import prepare_training_rows
+
+    work = tmp_path / "work"
+    shutil.copytree(hist_trained["work"], work)
+    data_cfg = dataclasses.replace(hist_trained["cfg"].data, timestamp="ts")
+    raw = pd.read_parquet(work / "data" / "train.parquet")
+    raw["ts"] = np.random.default_rng(3).permutation(len(raw))  # time is not the row order
+    raw.to_parquet(work / "data" / "train.parquet", index=False)
+    cfg = dataclasses.replace(hist_trained["cfg"].train, mask_user_id=0.0, mask_features=0.0)
+    prepared = pd.read_parquet(prepare_training_rows(work / "etl", data_cfg, cfg))
+    encoded = etl.read_encoded(work / "etl" / etl.TRAIN_DIR)
+    times = raw.loc[data_cfg.is_positive(raw[data_cfg.label]), "ts"].to_numpy()
+    for row in np.random.default_rng(0).choice(len(encoded), 200, replace=False):
+        user = encoded.user_id[row]
+        earlier = np.flatnonzero((encoded.user_id.to_numpy() == user) & (times < times[row]))
+        expected = encoded.item_id.to_numpy()[earlier[np.argsort(times[earlier])]][-5:].tolist()
+        assert list(prepared[contract.INPUT_HISTORY][row]) == expected
+
+    first_positive = int(np.flatnonzero(data_cfg.is_positive(raw[data_cfg.label]))[0])
+    raw.drop(index=first_positive).to_parquet(work / "data" / "train.parquet", index=False)  # one raw positive lost
+    with pytest.raises(DataError, match="^the encoded training positives do not line up with the raw ones; cannot order histories by time$"):
+        prepare_training_rows(work / "etl", data_cfg, cfg)
