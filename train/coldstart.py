@@ -62,7 +62,8 @@ class ColdUsers:
         if not history_length:
             return query_inputs(self.encoded, None)
         if with_history and self.first is not None:
-            history = self.first.map(lambda rows: self.item_codes[rows])
+            # eval.cold_history may exceed the model's N: the server keeps the latest N sent, so does this.
+            history = self.first.latest(history_length).map(lambda rows: self.item_codes[rows])
         else:
             history = Ragged.from_lengths(np.zeros(0, np.int64), np.zeros(len(self.encoded), np.int64))
         return query_inputs(self.encoded, history)

@@ -58,6 +58,11 @@ class Ragged:
         """The same rows, those where `rows` (a [rows] bool mask) is true made empty."""
         return Ragged.from_lengths(self.values[np.repeat(~rows, self.lengths)], np.where(rows, 0, self.lengths))
 
+    def latest(self, n: int) -> Ragged:
+        """Each row's last `n` values (all of a shorter row), in order."""
+        lengths = np.minimum(self.lengths, n)
+        return Ragged.from_lengths(self.values[_gather_index(self.offsets[1:] - lengths, lengths)], lengths)
+
     def map(self, fn) -> Ragged:
         """The same rows with fn applied to the values array."""
         return Ragged(fn(self.values), self.offsets)
