@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.cli import run_cli
+from common.cli import int64, run_cli
 from common.errors import ClientError
 
 
@@ -23,7 +23,7 @@ def _exclusion(text: str) -> tuple[int, list[int]]:
     if not sep:
         raise argparse.ArgumentTypeError(f"--exclude expects USER:ITEM[,ITEM...], got {text!r}")
     try:
-        return int(user), [int(i) for i in items.split(",") if i.strip()]
+        return int64(user), [int64(i) for i in items.split(",") if i.strip()]
     except ValueError as e:
         raise argparse.ArgumentTypeError(f"--exclude expects integer ids, got {text!r}") from e
 
@@ -31,7 +31,7 @@ def _exclusion(text: str) -> tuple[int, list[int]]:
 def _history(text: str) -> tuple[int | None, list[int]]:
     user, sep, items = text.rpartition(":")
     try:
-        return (int(user) if sep else None), [int(i) for i in items.split(",") if i.strip()]
+        return (int64(user) if sep else None), [int64(i) for i in items.split(",") if i.strip()]
     except ValueError as e:
         raise argparse.ArgumentTypeError(f"--history expects [USER:]ITEM[,ITEM...] with integer ids, got {text!r}") from e
 
@@ -64,7 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m client", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", help="host:port (default 127.0.0.1:8001 for gRPC, :8000 for HTTP)")
     parser.add_argument("--http", action="store_true", help="use HTTP/REST instead of gRPC")
-    parser.add_argument("--user-id", dest="user_ids", type=int, nargs="+", required=True, metavar="ID", help="raw user ids")
+    parser.add_argument("--user-id", dest="user_ids", type=int64, nargs="+", required=True, metavar="ID", help="raw user ids")
     parser.add_argument("--top-k", type=int, help="items per user (server default when omitted)")
     parser.add_argument("--exclude", type=_exclusion, action="append", default=[], metavar="USER:ITEM,...",
                         help="raw item ids to leave out for one user (repeatable)")

@@ -14,6 +14,14 @@ from common.logs import setup_logging
 LOG = logging.getLogger(__name__)
 
 
+def int64(text: str) -> int:
+    """An argparse type: an integer that fits INT64 (ids go to the server as INT64); ValueError otherwise."""
+    value = int(text)
+    if not -(2**63) <= value < 2**63:
+        raise ValueError(f"{text} is outside INT64")
+    return value
+
+
 def add_config_args(parser: argparse.ArgumentParser) -> None:
     """--config FILE and repeatable --set section.field=value (applied after the environment)."""
     parser.add_argument("--config", metavar="FILE", help="YAML file with data/train/index/serve sections")

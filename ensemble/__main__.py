@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from common import contract
-from common.cli import add_config_args, config_from_args, run_cli
+from common.cli import add_config_args, config_from_args, int64, run_cli
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -45,8 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "load): with it, send recent clicks in the request's history_item_ids instead.")
     click.add_argument("--artifacts", required=True, type=Path, help="the export being served (its manifest names the namespace)")
     click.add_argument("--redis", required=True, help="redis://host:port/db, as given to materialize")
-    click.add_argument("--user", required=True, type=int, help="raw user id")
-    click.add_argument("--item", required=True, type=int, nargs="+", help="raw item ids, oldest first")
+    click.add_argument("--user", required=True, type=int64, help="raw user id")
+    click.add_argument("--item", required=True, type=int64, nargs="+", help="raw item ids, oldest first")
     for name, text in (("deploy", "add the artifacts as the next version and switch the running server to it"),
                        ("rollback", "switch the running server back to the previous version"),
                        ("activate", "switch the running server to a given version")):

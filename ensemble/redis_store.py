@@ -107,6 +107,9 @@ def append_click(url: str, namespace: str, user_id: int, item_ids, timeout_s: fl
     """
     import redis
 
+    for what, value in (("user id", user_id), *(("item id", i) for i in np.asarray(item_ids, object).reshape(-1))):
+        if not -(2**63) <= int(value) < 2**63:
+            raise ArtifactError(f"{what} {int(value)} is outside INT64; nothing was appended")
     items = np.asarray(item_ids, np.int64).reshape(-1)
     if (items == contract.HISTORY_PAD).any():
         raise ArtifactError(f"item id {contract.HISTORY_PAD} is the history's padding, not an item; nothing was appended")

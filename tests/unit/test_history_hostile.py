@@ -19,3 +19,37 @@ def test_cold_history_longer_than_the_model_history_keeps_the_latest_n_as_the_se
     assert isinstance(history, Ragged)
     assert history.lengths.tolist() == [3, 2]
     assert history.values.tolist() == [12, 13, 14, 15, 16]
+
+
+@pytest.mark.parametrize("args", [["--user", "1", "--item", str(2**64)], ["--user", str(2**63), "--item", "5"],
+                                  ["--user", "1", "--item", "5", str(-(2**63) - 1)]])
+def test_append_click_refuses_ids_outside_int64_with_one_line_not_a_traceback(args, capsys):
+    """99999999999999999999 was an OverflowError traceback for --item, and for --user a key no request
+    (user_id is INT64) could ever reach."""
+    from ensemble.__main__ import parse_args
+
+    with pytest.raises(SystemExit) as e:
+        parse_args(["append-click", "--artifacts", "a", "--redis", "redis://127.0.0.1:1/0", *args])
+    assert e.value.code == 2
+    assert "invalid int64 value" in capsys.readouterr().err
+
+
+def test_append_click_library_refuses_a_user_id_outside_int64_before_reaching_redis():
+    from common.errors import ArtifactError
+    from ensemble.redis_store import append_click
+
+    with pytest.raises(ArtifactError, match=r"user id 18446744073709551616 is outside INT64; nothing was appended"):
+        append_click("redis://127.0.0.1:1/0", "ns", 2**64, [5])
+    with pytest.raises(ArtifactError, match=r"item id 18446744073709551616 is outside INT64; nothing was appended"):
+        append_click("redis://127.0.0.1:1/0", "ns", 5, [1, 2**64])
+
+
+@pytest.mark.parametrize("args", [["--user-id", "1", "--history", str(2**64)], ["--user-id", str(2**64)],
+                                  ["--user-id", "1", "--history", f"{2**64}:5"]])
+def test_the_client_cli_refuses_ids_outside_int64_with_one_line_not_a_traceback(args, capsys):
+    from client.__main__ import parse_args
+
+    with pytest.raises(SystemExit) as e:
+        parse_args(args)
+    assert e.value.code == 2
+    assert "error: argument --" in capsys.readouterr().err
