@@ -51,10 +51,13 @@ def _client(url: str, timeout_s: float = 5.0):
 
 # KEYS[1]: the namespace's meta key, KEYS[2]: the user's history key; ARGV[1]: the new ids as
 # little-endian int64 bytes, ARGV[2]: the most bytes to keep (8 x N). Returns the ids now stored,
-# or -1 when the namespace was never materialized (or was flushed). Atomic: Redis runs a script alone.
+# -1 when the namespace was never materialized (or was flushed), -2 - bytes when the stored value is
+# not whole int64 ids (nothing appended). Atomic: Redis runs a script alone.
 APPEND_SCRIPT = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
-local v = (redis.call('GET', KEYS[2]) or '') .. ARGV[1]
+local old = redis.call('GET', KEYS[2]) or ''
+if #old % 8 ~= 0 then return -2 - #old end
+local v = old .. ARGV[1]
 local most = tonumber(ARGV[2])
 if #v > most then v = string.sub(v, #v - most + 1) end
 redis.call('SET', KEYS[2], v)
@@ -125,6 +128,9 @@ def append_click(url: str, namespace: str, user_id: int, item_ids, timeout_s: fl
             raise ArtifactError(f"the export under {namespace} in {url} has no history input (train.history_length 0); "
                                 "there is no history to append to")
         stored = client.eval(APPEND_SCRIPT, 2, meta_key, key, items.astype("<i8").tobytes(), 8 * width)
+        if int(stored) < -1:
+            raise FeatureStoreError(f"{url} {key} holds {-2 - int(stored)} bytes, not whole int64 item ids; nothing was "
+                                    "appended (run `python -m ensemble materialize` again)")
         if int(stored) < 0:
             raise FeatureStoreError(f"{url} lost the export under {namespace} while appending (flushed?)")
         return np.frombuffer(client.get(key) or b"", dtype="<i8").astype(np.int64)
@@ -197,6 +203,16 @@ class RedisFeatureStore:
         meta, *raw = self._call(lambda: self._client.mget(keys))
         self._check_meta(meta)
         users, histories = raw[: len(ids)], raw[len(ids):]
+        # A value of another length would shift every later user's bytes in the joined buffers below.
+        width = 8 * len(self.feature_names)
+        for i, r in enumerate(users):
+            if r is not None and len(r) != width:
+                raise FeatureStoreError(f"{self.url} {self.namespace}:u:{int(ids[i])} holds {len(r)} bytes, expected {width} "
+                                        f"({len(self.feature_names)} int64 features); run `python -m ensemble materialize` again")
+        for i, h in enumerate(histories):
+            if h is not None and len(h) % 8:
+                raise FeatureStoreError(f"{self.url} {self.namespace}:h:{int(ids[i])} holds {len(h)} bytes, not whole int64 "
+                                        "item ids; run `python -m ensemble materialize` again")
         found = np.array([r is not None for r in users], dtype=bool)
         matrix = np.frombuffer(b"".join(r if r is not None else self._missing for r in users), dtype="<i8")
         matrix = matrix.reshape(len(ids), len(self.feature_names))
