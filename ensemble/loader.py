@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Mapping
 
 from common import contract
-from common.errors import ArtifactError, ConfigError
+from common.errors import ArtifactError, ConfigError, FeatureStoreError
 from common.manifest import verify_files
 from ensemble.executor import RetrievalExecutor
 from ensemble.graph import GraphRunner
@@ -112,5 +112,10 @@ def load_executor(ensemble_dir: str | Path, limits: Limits, params: Mapping[str,
             if isinstance(node.op, SearchItems):
                 n_items = node.op.n_items
     executor = RetrievalExecutor(runner, limits, n_items)
-    executor.warm_up()
+    try:
+        executor.warm_up()
+    except FeatureStoreError as e:
+        # The model still loads: requests answer UNAVAILABLE (and readiness is false) until the store
+        # answers, as the store itself promises at load; the first good request pays the warm-up.
+        LOG.warning("warm-up skipped, the feature store is not usable at load: %s", e)
     return executor

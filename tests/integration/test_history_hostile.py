@@ -58,3 +58,29 @@ def test_append_click_to_a_corrupted_history_key_appends_nothing_and_says_so(sto
         append_click(redis_url, NS, 3, [7])
     assert client.get(f"{NS}:h:3") == b"abcdefghijkl"
     assert append_click(redis_url, NS, 4, [7]).tolist() == [40, 41, 7]
+
+
+def test_a_server_whose_namespace_is_not_materialized_yet_loads_and_answers_unavailable_until_it_is(
+        hist_trained, redis_url, tmp_path):
+    """README: "A server whose namespace is missing loads, answers UNAVAILABLE ... and is not ready until
+    `materialize` runs". The warm-up at load ran users through the store and failed the load instead
+    (tritonserver exited, the supervisor restarted it in a loop)."""
+    import dataclasses
+
+    import redis
+
+    from common.manifest import artifacts_config, read_manifest
+    from ensemble.__main__ import main
+    from ensemble.build import build_repository
+    from ensemble.loader import load_model_in_process
+
+    redis.Redis.from_url(redis_url).flushdb()
+    cfg = artifacts_config(read_manifest(hist_trained["artifacts"]))
+    cfg = dataclasses.replace(cfg, serve=dataclasses.replace(cfg.serve, feature_store=redis_url))
+    repository = build_repository(hist_trained["artifacts"], tmp_path / "repo", cfg=cfg)
+    executor = load_model_in_process(repository)
+    request = [({contract.INPUT_USER_ID: np.array([[1]], np.int64)}, {"top_k": 3})]
+    with pytest.raises(FeatureStoreError, match=r"holds no features under .* \(flushed, or never materialized"):
+        executor.execute(request)
+    assert main(["materialize", "--artifacts", str(hist_trained["artifacts"]), "--redis", redis_url]) == 0
+    assert executor.execute(request)[0][contract.OUTPUT_ITEM_IDS].shape == (1, 3)
