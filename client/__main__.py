@@ -25,7 +25,7 @@ def _exclusion(text: str) -> tuple[int, list[int]]:
     try:
         return int64(user), [int64(i) for i in items.split(",") if i.strip()]
     except ValueError as e:
-        raise argparse.ArgumentTypeError(f"--exclude expects integer ids, got {text!r}") from e
+        raise argparse.ArgumentTypeError(f"--exclude expects INT64 integer ids, got {text!r}") from e
 
 
 def _history(text: str) -> tuple[int | None, list[int]]:
@@ -33,7 +33,7 @@ def _history(text: str) -> tuple[int | None, list[int]]:
     try:
         return (int64(user) if sep else None), [int64(i) for i in items.split(",") if i.strip()]
     except ValueError as e:
-        raise argparse.ArgumentTypeError(f"--history expects [USER:]ITEM[,ITEM...] with integer ids, got {text!r}") from e
+        raise argparse.ArgumentTypeError(f"--history expects [USER:]ITEM[,ITEM...] with INT64 integer ids, got {text!r}") from e
 
 
 def _feature(text: str) -> tuple[str, list[int | None]]:

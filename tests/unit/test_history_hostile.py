@@ -52,4 +52,5 @@ def test_the_client_cli_refuses_ids_outside_int64_with_one_line_not_a_traceback(
     with pytest.raises(SystemExit) as e:
         parse_args(args)
     assert e.value.code == 2
-    assert "error: argument --" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "invalid int64 value" in err or "with INT64 integer ids" in err
