@@ -62,7 +62,8 @@ class ParquetFeatureStore:
             columns.append(contract.INPUT_HISTORY)
         try:
             arrow = pq.read_table(self.path, columns=columns)
-            table = arrow.select(columns[: 1 + len(self.feature_names)]).to_pandas()
+            # Positions, not the file's pandas index (a slice written by pandas keeps a RangeIndex from k).
+            table = arrow.select(columns[: 1 + len(self.feature_names)]).to_pandas().reset_index(drop=True)
         except (OSError, ValueError, KeyError) as e:
             if self.history_length and contract.INPUT_HISTORY not in _parquet_columns(self.path):
                 raise ArtifactError(

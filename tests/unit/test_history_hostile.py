@@ -54,3 +54,18 @@ def test_the_client_cli_refuses_ids_outside_int64_with_one_line_not_a_traceback(
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "invalid int64 value" in err or "with INT64 integer ids" in err
+
+
+def test_the_parquet_store_reads_histories_of_a_table_written_by_pandas_from_a_slice(tmp_path):
+    """A user_features.parquet written by pandas keeps a RangeIndex that does not start at 0 (a slice of a
+    frame): the history reader took that index for row positions (IndexError at load)."""
+    from ensemble.feature_store import ParquetFeatureStore
+
+    frame = pd.DataFrame({"user_id": [9, 7, 8, 5], "f": [1, 2, 3, 4],
+                          contract.INPUT_HISTORY: [[1], [2, 3], [4, 5, 6], []]}).iloc[1:]
+    frame.to_parquet(tmp_path / "users.parquet")
+    store = ParquetFeatureStore(tmp_path / "users.parquet", "user_id", ("f",), history_length=2)
+    features, found = store.get(np.array([8, 7, 9, 5]))
+    assert found.tolist() == [True, True, False, True]
+    assert features["f"].tolist()[:2] == [3, 2]
+    assert features[contract.INPUT_HISTORY].tolist() == [[5, 6], [2, 3], [-1, -1], [-1, -1]]
