@@ -78,7 +78,7 @@ def build_ensemble(artifacts: Path, scratch: Path, cfg: PipelineConfig, manifest
         artifacts / contract.ARTIFACT_USER_FEATURES, data.user_id, data.user_features, history_length=history
     )
     encoded = lookup >> TransformUserFeatures(user_wf_dir, passthrough=(contract.OUTPUT_UNKNOWN,),
-                                              history_workflow_path=item_wf_dir if history else None)
+                                              history_workflow_path=item_wf_dir if history else None, history_length=history)
     query = encoded >> QueryTower(
         artifacts / contract.ARTIFACT_QUERY_TOWER, artifacts / contract.ARTIFACT_QUERY_TOWER_COMPILED, cfg.serve.tower_runtime
     )

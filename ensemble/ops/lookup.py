@@ -25,8 +25,9 @@ class LookupUserFeatures(ArrayOperator, BaseOperator):
     one int64 column per raw feature, and `unknown_user` (bool), true where the store has no
     row for the id.
     With history_length N > 0 it also takes the request's `history_item_ids` ([batch, n] raw
-    item ids, oldest first) and outputs `history_item_ids` [batch, N]: the stored history
-    followed by the request's ids (the most recent), the latest N kept, padded at the end.
+    item ids, oldest first) and outputs `history_item_ids` [batch, N + n]: the stored history
+    followed by the request's ids (the most recent), padded at the end. The transform keeps the
+    latest N the model knows (an unknown id must not push a known one out).
 
     Args:
         table_path: parquet file with one row per user (saved beside the ensemble on export).
@@ -90,5 +91,7 @@ class LookupUserFeatures(ArrayOperator, BaseOperator):
                 features[name] = np.where(given != contract.FEATURE_NOT_GIVEN, given, features[name])
         if self.history_length:
             stored = features.pop(contract.INPUT_HISTORY)
-            features[contract.INPUT_HISTORY] = merge_histories(stored, columns.get(contract.INPUT_HISTORY), self.history_length)
+            sent = columns.get(contract.INPUT_HISTORY)
+            width = stored.shape[1] + (0 if sent is None else np.asarray(sent).reshape(len(stored), -1).shape[1])
+            features[contract.INPUT_HISTORY] = merge_histories(stored, sent, width)
         return {self.id_column: ids, **features, contract.OUTPUT_UNKNOWN: ~found}

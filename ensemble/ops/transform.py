@@ -7,11 +7,12 @@ Categorify for the codes of its whole vocabulary, of a null and of an unseen val
 encodes a request with one `searchsorted` per column. Workflows with other operators fall
 back to the workflow's own in-memory transform, still in-process.
 
-A model with a history input also gets the users' histories encoded: [batch, N] raw item ids
--> item codes with the item id column's own fitted Categorify (the codes the item tower was
-trained on, so the query tower's pooled table and the item tower's agree). Ids the vocabulary
-does not know, and padding, become code 0, which the tower leaves out; each batch's known and
-unknown ids are counted (`history_counts`, sent as retrieval_history_items_total).
+A model with a history input also gets the users' histories encoded: [batch, m] raw item ids
+(stored, then sent) -> item codes with the item id column's own fitted Categorify (the codes the
+item tower was trained on, so the query tower's pooled table and the item tower's agree). Ids the
+vocabulary does not know are left out and counted (`history_counts`, sent as
+retrieval_history_items_total{kind}); of the rest each row keeps its latest N (the model's
+history length), padded with code 0, which the tower leaves out.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from nvtabular.ops.categorify import NULL_OFFSET
 
 from common import contract
 from common.errors import ArtifactError
+from ensemble.history import keep_latest
 from ensemble.ops import MISSING, ArrayOperator
 from ensemble.ops.tower import FIRST_ITEM_CODE
 
@@ -123,17 +125,21 @@ class TransformUserFeatures(ArrayOperator, BaseOperator):
         passthrough: input columns forwarded unchanged (the unknown-user flag, say).
         history_workflow_path: for a model with a history input, a saved workflow whose only
             column is the item id (`item_id_workflow`); its Categorify encodes `history_item_ids`.
+        history_length: N, the known ids each history keeps (0: all it is given).
     """
 
     history_workflow_path = None  # ensembles pickled before the history input have none
+    history_length = 0  # ... and those pickled before the cut moved here kept what the lookup cut
 
-    def __init__(self, workflow_path: str | Path, passthrough: tuple[str, ...] = (), history_workflow_path: str | Path | None = None):
+    def __init__(self, workflow_path: str | Path, passthrough: tuple[str, ...] = (), history_workflow_path: str | Path | None = None,
+                 history_length: int = 0):
         super().__init__()
         import nvtabular as nvt
 
         self.workflow_path = str(workflow_path)
         self.passthrough = tuple(passthrough)
         self.history_workflow_path = None if history_workflow_path is None else str(history_workflow_path)
+        self.history_length = int(history_length)
         workflow = nvt.Workflow.load(self.workflow_path)
         self._input_schema = workflow.input_schema
         self._output_schema = workflow.output_schema
@@ -204,8 +210,9 @@ class TransformUserFeatures(ArrayOperator, BaseOperator):
         return out
 
     def encode_history(self, raw: np.ndarray) -> np.ndarray:
-        """[batch, N] raw item ids (HISTORY_PAD for none) -> [batch, N] int32 item codes; padding
-        and ids outside the item vocabulary become HISTORY_DROPPED_CODE and the latter are counted."""
+        """[batch, m] raw item ids (HISTORY_PAD for none) -> [batch, N] int32 item codes: each row's
+        latest N ids the item vocabulary knows, padded with HISTORY_DROPPED_CODE; unknown ids are
+        left out and counted."""
         if self._history_table is None:
             self.load_artifacts()
         raw = np.asarray(raw, np.int64)
@@ -215,6 +222,9 @@ class TransformUserFeatures(ArrayOperator, BaseOperator):
         known = given & (codes >= FIRST_ITEM_CODE)
         n_given, n_known = int(np.count_nonzero(given)), int(np.count_nonzero(known))
         self.history_counts = (n_known, n_given - n_known)
+        if self.history_length:  # unknown ids drop out before the cut, so they take no known id's place
+            codes = keep_latest(np.where(known, codes, contract.HISTORY_PAD), self.history_length)
+            return np.where(codes == contract.HISTORY_PAD, HISTORY_DROPPED_CODE, codes).astype(np.int32)
         codes[~known] = HISTORY_DROPPED_CODE
         return codes
 

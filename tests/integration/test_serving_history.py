@@ -82,9 +82,9 @@ def test_server_equals_in_process_with_stored_and_sent_history(hist_client, hist
     assert not np.array_equal(plain.scores[4], recs.scores[4])  # 7 sent ids replaced user 4's stored 5
 
 
-def test_the_stored_history_is_what_the_lookup_serves(hist_executor, stored):
+def test_the_stored_history_is_what_the_lookup_serves(hist_executor, stored, catalogue):
     """Sending a known user's full stored history again leaves the latest N unchanged, so the answer too;
-    N unknown ids push the stored ones out."""
+    N unknown ids push none of the stored ones out (they are left out before the latest N are kept)."""
     full = stored[stored[H].map(len) == HISTORY_LENGTH]
     row = full.iloc[[0]].reset_index(drop=True)
     history = [int(v) for v in row[H][0]]
@@ -94,8 +94,12 @@ def test_the_stored_history_is_what_the_lookup_serves(hist_executor, stored):
     # Sent again, the same ids are new interactions: the latest 5 of stored + sent are the sent ones.
     np.testing.assert_array_equal(again[contract.OUTPUT_ITEM_IDS], known[contract.OUTPUT_ITEM_IDS])
     np.testing.assert_array_equal(again[contract.OUTPUT_SCORES], known[contract.OUTPUT_SCORES])
-    empty = _in_process(hist_executor, [int(row.user_id[0])], [[99_999_998] * HISTORY_LENGTH])  # 5 unknown ids push it out
-    assert not np.array_equal(empty[contract.OUTPUT_SCORES], known[contract.OUTPUT_SCORES])
+    unknown = _in_process(hist_executor, [int(row.user_id[0])], [[99_999_998] * HISTORY_LENGTH])
+    np.testing.assert_array_equal(unknown[contract.OUTPUT_ITEM_IDS], known[contract.OUTPUT_ITEM_IDS])
+    np.testing.assert_array_equal(unknown[contract.OUTPUT_SCORES], known[contract.OUTPUT_SCORES])
+    other = next(int(i) for i in catalogue if int(i) not in history)
+    one_new = _in_process(hist_executor, [int(row.user_id[0])], [[other]])  # a known id does push the oldest out
+    assert not np.array_equal(one_new[contract.OUTPUT_SCORES], known[contract.OUTPUT_SCORES])
 
 
 def test_sending_history_changes_the_answer_for_a_new_user(hist_client, hist_executor, catalogue):

@@ -141,7 +141,7 @@ def test_a_model_without_history_refuses_the_input():
 
 def test_history_width_up_to_the_maximum_is_accepted_whatever_the_model_length():
     r = parse_request({contract.INPUT_USER_ID: users(1), H: np.ones((1, MAX_HISTORY), np.int64)}, {}, LIMITS, 100)
-    assert r.history.shape == (1, MAX_HISTORY)  # the lookup keeps the latest N of stored + sent
+    assert r.history.shape == (1, MAX_HISTORY)  # the transform keeps the latest N known of stored + sent
 
 
 def test_histories_merge_across_requests_padded_to_the_widest():
@@ -176,8 +176,9 @@ def test_lookup_appends_the_request_history_to_the_stored_one(tmp_path):
     op = LookupUserFeatures(tmp_path / "unused.parquet", "user_id", ("user_age",), history_length=3)
     op.set_store(_Store())
     out = op.run({contract.INPUT_USER_ID: np.array([1, 2, 9]), H: np.array([[14, PAD], [22, 23], [PAD, PAD]])})
-    # user 1: 11 12 13 + 14 -> 12 13 14; user 2: 21 + 22 23; user 9 (unknown): nothing anywhere.
-    assert out[H].tolist() == [[12, 13, 14], [21, 22, 23], [PAD, PAD, PAD]]
+    # user 1: 11 12 13 + 14; user 2: 21 + 22 23; user 9 (unknown): nothing anywhere. The transform
+    # keeps the latest N the model knows.
+    assert out[H].tolist() == [[11, 12, 13, 14, PAD], [21, 22, 23, PAD, PAD], [PAD] * 5]
     assert out[contract.OUTPUT_UNKNOWN].tolist() == [False, False, True]
     assert op.run({contract.INPUT_USER_ID: np.array([2])})[H].tolist() == [[21, PAD, PAD]]
 
@@ -236,6 +237,24 @@ def test_history_is_encoded_with_the_item_id_categorify_and_unknown_ids_are_coun
     assert out[H].tolist() == [[code[100], code[300], 0, 0], [0, 0, 0, 0], [code[200], 0, code[100], code[200]]]
     assert op.history_counts == (5, 2)  # known: 100 300 200 100 200; unknown: 999 12345; padding not counted
     assert out[contract.OUTPUT_UNKNOWN].tolist() == [False, False, True]
+
+
+def test_unknown_history_ids_take_no_known_ids_place(item_workflows):
+    """The model's N latest are chosen among the ids it knows: an unknown id (a newer catalogue, a
+    typo) must not push a known one out of the query."""
+    from ensemble.ops.transform import TransformUserFeatures
+
+    workflow, user, item = item_workflows
+    op = TransformUserFeatures(user, passthrough=(contract.OUTPUT_UNKNOWN,), history_workflow_path=item, history_length=2)
+    op.load_artifacts()
+    # stored 100 300, then sent 999 12345 (both unknown): the latest 2 known are still 100 300
+    raw = np.array([[100, 300, 999, 12345], [200, 999, 100, PAD], [999, PAD, PAD, PAD]], np.int64)
+    out = op.run({"user_id": np.array([1, 2, 7]), "user_age": np.array([4, 5, 4]),
+                  contract.OUTPUT_UNKNOWN: np.array([False, False, True]), H: raw})
+    theirs = workflow._transform_df(pd.DataFrame({"user_id": [1] * 3, "user_age": [4] * 3, "item_id": [100, 200, 300]}))
+    code = dict(zip([100, 200, 300], theirs["item_id"].tolist()))
+    assert out[H].tolist() == [[code[100], code[300]], [code[200], code[100]], [0, 0]]
+    assert op.history_counts == (4, 4)
 
 
 def test_a_workflow_that_is_not_the_item_id_alone_is_refused(item_workflows):
