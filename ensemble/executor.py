@@ -7,6 +7,8 @@ Loading it from a model repository is `ensemble.loader`'s job.
 
 from __future__ import annotations
 
+import functools
+
 import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -30,8 +32,8 @@ class BatchReport:
         unknown_users: of those, ids not in training.
         excluded_items: item ids sent for exclusion (padding not counted).
         exclude_seen_users: users whose training clicks were left out.
-        history_known: history item ids (stored and sent, the latest N kept) the item vocabulary knows.
-        history_unknown: those it does not (left out of the query).
+        history_known: history item ids (every stored and sent one) the item vocabulary knows.
+        history_unknown: those it does not (left out of the query before its latest N are kept).
         parse_s: validation and merging.
         stages_s: operator label -> seconds in the graph.
     """
@@ -69,7 +71,9 @@ class RetrievalExecutor:
         """Whether the model takes a history input."""
         return self.limits.history_length > 0
 
+    @functools.cached_property
     def _history_counter(self):
+        """The transform, which counts each batch's known and unknown history ids (found once)."""
         from ensemble.ops.transform import TransformUserFeatures
 
         return next(n.op for n in self.runner.nodes if isinstance(n.op, TransformUserFeatures))
@@ -114,7 +118,7 @@ class RetrievalExecutor:
             report.excluded_items = int(np.count_nonzero(merged[contract.INPUT_EXCLUDE] != contract.EXCLUDE_PAD))
             report.exclude_seen_users = int(np.count_nonzero(merged[EXCLUDE_SEEN]))
             if self.history:
-                report.history_known, report.history_unknown = self._history_counter().history_counts
+                report.history_known, report.history_unknown = self._history_counter.history_counts
             report.stages_s = dict(self.runner.last_run_s)
             self.stats["batches"] += 1
         self.stats["requests"] += len(requests)

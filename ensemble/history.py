@@ -45,21 +45,19 @@ def keep_latest(ids: np.ndarray, width: int) -> np.ndarray:
     return rows_from_ragged(ids[valid], np.cumsum(lengths) - lengths, lengths, width)
 
 
-def merge_histories(stored: np.ndarray, sent: np.ndarray | None, width: int) -> np.ndarray:
-    """The stored history followed by the request's ids (the most recent), the latest `width` kept.
+def append_sent(stored: np.ndarray, sent: np.ndarray | None) -> np.ndarray:
+    """The stored history followed by the request's ids (the most recent), padding left where it is.
 
     Args:
         stored: [n, s] raw item ids from the feature store, oldest first.
-        sent: [n, m] raw item ids from the request, oldest first (None or m = 0: none sent).
-        width: N, the model's history length.
+        sent: [n, m] raw item ids from the request, oldest first (None: none sent).
 
     Returns:
-        [n, width] int64, oldest first, padded at the end with HISTORY_PAD.
+        [n, s + m] int64; `keep_latest` then keeps a row's latest N (the transform does, once it
+        knows which ids the model has).
     """
     stored = np.asarray(stored, np.int64)
     stored = stored.reshape(len(stored), -1)
-    if sent is None or not (np.asarray(sent) != HISTORY_PAD).any():
-        if stored.shape[1] == width:  # the stores' rows are the latest N already: nothing to move (half the lookup's time)
-            return stored
-        return keep_latest(stored, width)
-    return keep_latest(np.concatenate([stored, np.asarray(sent, np.int64).reshape(len(stored), -1)], axis=1), width)
+    if sent is None:
+        return stored
+    return np.concatenate([stored, np.asarray(sent, np.int64).reshape(len(stored), -1)], axis=1)

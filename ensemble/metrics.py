@@ -4,8 +4,8 @@ Triton serves them on its metrics port beside its own (nv_inference_*):
     retrieval_requests_total{outcome="ok|invalid|unavailable|error"}
     retrieval_users_total{kind="known|unknown"}
     retrieval_excluded_items_total{source="request|seen"}   (seen: users with exclude_seen)
-    retrieval_history_items_total{kind="known|unknown"}   history item ids that reached the query (a
-        model with a history input: stored and sent, the latest N per user); unknown: ids the item
+    retrieval_history_items_total{kind="known|unknown"}   history item ids each request brought (a
+        model with a history input: every stored and sent one, before the latest N known are kept); unknown: ids the item
         vocabulary does not hold (a newer catalogue than the model's, or a client's typo), left out
         of the query. A rising unknown share says the model is due for retraining.
     retrieval_stage_seconds{stage="parse|lookup|transform|tower|search"}   histogram per batch (sampled under load)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import functools
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import shutil
 
 import numpy as np
 import pandas as pd

@@ -17,7 +17,9 @@ import numpy as np
 import pandas as pd
 
 from common.config import DataConfig
+from common.contract import HISTORY_PAD
 from common.errors import DataError
+from ensemble.history import rows_from_ragged
 
 
 @dataclass(frozen=True)
@@ -68,13 +70,10 @@ class Ragged:
         return Ragged(fn(self.values), self.offsets)
 
     def padded(self, width: int, pad: int) -> np.ndarray:
-        """[rows, width] with each row's values first (its latest `width` when longer), then `pad`."""
-        lengths = np.minimum(self.lengths, width)
-        out = np.full((len(self), width), pad, dtype=self.values.dtype if len(self.values) else np.int64)
-        starts = self.offsets[1:] - lengths
-        row = np.repeat(np.arange(len(self)), lengths)
-        col = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-        out[row, col] = self.values[_gather_index(starts, lengths)]
+        """[rows, width] int64 with each row's values first (its latest `width` when longer), then `pad`."""
+        out = rows_from_ragged(self.values, self.offsets[:-1], self.lengths, width)
+        if pad != HISTORY_PAD:
+            out[out == HISTORY_PAD] = pad  # the values are ids or codes, never the serving pad
         return out
 
 

@@ -11,7 +11,7 @@ from merlin.schema import ColumnSchema, Schema
 
 from common import contract
 from ensemble.feature_store import FeatureStore, ParquetFeatureStore
-from ensemble.history import merge_histories
+from ensemble.history import append_sent
 from ensemble.ops import ArrayOperator
 
 
@@ -76,7 +76,7 @@ class LookupUserFeatures(ArrayOperator, BaseOperator):
         cols = [ColumnSchema(self.id_column, dtype=np.int64)]
         cols += [ColumnSchema(name, dtype=np.int64) for name in self.feature_names]
         if self.history_length:
-            cols.append(ColumnSchema(contract.INPUT_HISTORY, dtype=np.int64, dims=(None, self.history_length)))
+            cols.append(ColumnSchema(contract.INPUT_HISTORY, dtype=np.int64, dims=(None, None)))  # stored + sent: N + n wide
         cols.append(ColumnSchema(contract.OUTPUT_UNKNOWN, dtype=np.bool_))
         return Schema(cols)
 
@@ -90,8 +90,5 @@ class LookupUserFeatures(ArrayOperator, BaseOperator):
                 given = np.asarray(columns[name], dtype=np.int64).reshape(-1)
                 features[name] = np.where(given != contract.FEATURE_NOT_GIVEN, given, features[name])
         if self.history_length:
-            stored = features.pop(contract.INPUT_HISTORY)
-            sent = columns.get(contract.INPUT_HISTORY)
-            width = stored.shape[1] + (0 if sent is None else np.asarray(sent).reshape(len(stored), -1).shape[1])
-            features[contract.INPUT_HISTORY] = merge_histories(stored, sent, width)
+            features[contract.INPUT_HISTORY] = append_sent(features.pop(contract.INPUT_HISTORY), columns.get(contract.INPUT_HISTORY))
         return {self.id_column: ids, **features, contract.OUTPUT_UNKNOWN: ~found}

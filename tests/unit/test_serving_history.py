@@ -12,7 +12,7 @@ import pytest
 from common import contract
 from common.config import MAX_HISTORY
 from common.errors import ArtifactError, ClientError, RequestError
-from ensemble.history import keep_latest, merge_histories, rows_from_ragged
+from ensemble.history import append_sent, keep_latest, rows_from_ragged
 from ensemble.request import Limits, merge, parse_request
 
 PAD = contract.HISTORY_PAD
@@ -43,6 +43,11 @@ def test_keep_latest_drops_padding_anywhere_and_keeps_order():
     ids = np.array([[5, PAD, 6, 7, PAD], [PAD, PAD, PAD, PAD, PAD], [1, 2, PAD, PAD, 3]], np.int64)
     assert keep_latest(ids, 2).tolist() == [[6, 7], [PAD, PAD], [2, 3]]
     assert keep_latest(ids, 4).tolist() == [[5, 6, 7, PAD], [PAD] * 4, [1, 2, 3, PAD]]
+
+
+def merge_histories(stored, sent, width):
+    """What the lookup (append) and the transform (cut, here with every id known) do together."""
+    return keep_latest(append_sent(stored, sent), width)
 
 
 def test_the_request_ids_come_after_the_stored_ones_and_the_last_n_win():
@@ -178,7 +183,8 @@ def test_lookup_appends_the_request_history_to_the_stored_one(tmp_path):
     out = op.run({contract.INPUT_USER_ID: np.array([1, 2, 9]), H: np.array([[14, PAD], [22, 23], [PAD, PAD]])})
     # user 1: 11 12 13 + 14; user 2: 21 + 22 23; user 9 (unknown): nothing anywhere. The transform
     # keeps the latest N the model knows.
-    assert out[H].tolist() == [[11, 12, 13, 14, PAD], [21, 22, 23, PAD, PAD], [PAD] * 5]
+    assert out[H].tolist() == [[11, 12, 13, 14, PAD], [21, PAD, PAD, 22, 23], [PAD] * 5]
+    assert keep_latest(out[H], 3).tolist() == [[12, 13, 14], [21, 22, 23], [PAD] * 3]
     assert out[contract.OUTPUT_UNKNOWN].tolist() == [False, False, True]
     assert op.run({contract.INPUT_USER_ID: np.array([2])})[H].tolist() == [[21, PAD, PAD]]
 
