@@ -11,8 +11,8 @@ import faiss
 import numpy as np
 
 from common.config import IndexConfig
-from ensemble.ops.search import NO_BLAS_BELOW, ivf_of
-from train.index import build_index, exact_top_k, factory_string
+from ensemble.ops.search import NO_BLAS_BELOW, TIE_MARGIN, ivf_of
+from train.index import build_index, exact_top_k, factory_string, recall_against_exact
 
 LOG = logging.getLogger(__name__)
 
@@ -29,27 +29,31 @@ CANDIDATES = (
     IndexConfig(kind="ivf_sq", sq_nprobe=32),
     IndexConfig(kind="ivf_sq", sq_nprobe=64),
     IndexConfig(kind="ivf_sq", sq_nprobe=128),
-    IndexConfig(kind="ivf_pq", pq_nprobe=64, refine_k_factor=128),
+    IndexConfig(kind="ivf_pq", pq_nprobe=32),
+    IndexConfig(kind="ivf_pq", pq_nprobe=64, refine_k_factor=8),
     IndexConfig(kind="ivf_pq", pq_nprobe=64),
     IndexConfig(kind="ivf_pq", pq_nprobe=128),
+    # the previous default: a 4-bit code per pair of dimensions, 512 x k re-ranked
+    IndexConfig(kind="ivf_pq", pq_nlist=4096, pq_nprobe=64, pq_m=32, refine_k_factor=512),
     IndexConfig(kind="hnsw", ef_search=64),
     IndexConfig(kind="hnsw", ef_search=128),
 )
 
 
 def _single_query_ms(index: faiss.Index, queries: np.ndarray, k: int = 10) -> float:
-    faiss.omp_set_num_threads(1)  # as served: one thread per instance
+    faiss.omp_set_num_threads(1)  # as served: one thread per instance, k + TIE_MARGIN deep
     times = []
     for q in queries:
         started = time.perf_counter()
-        index.search(q[None], k)
+        index.search(q[None], k + TIE_MARGIN)
         times.append(time.perf_counter() - started)
     return float(np.percentile(times, 50) * 1000)
 
 
-def candidates(kinds: tuple[str, ...], n_items: int) -> list[IndexConfig]:
-    """The candidate settings of the asked kinds that are worth building at n_items."""
-    chosen = [c for c in CANDIDATES if c.kind in kinds and (c.kind in ("ivf_sq", "ivf_pq") or n_items <= SLOW_KIND_MAX_ITEMS)]
+def candidates(kinds: tuple[str, ...], n_items: int, dim: int) -> list[IndexConfig]:
+    """The candidate settings of the asked kinds that are worth building at n_items (and fit the vector size)."""
+    chosen = [c for c in CANDIDATES if c.kind in kinds and (c.kind in ("ivf_sq", "ivf_pq") or n_items <= SLOW_KIND_MAX_ITEMS)
+              and (c.kind != "ivf_pq" or not c.pq_m or dim % c.pq_m == 0)]
     skipped = sorted({c.kind for c in CANDIDATES if c.kind in kinds} - {c.kind for c in chosen})
     if skipped:
         LOG.info("index choices: %s skipped at %d items (over %d)", ", ".join(skipped), n_items, SLOW_KIND_MAX_ITEMS)
@@ -75,8 +79,8 @@ def compare_indexes(vectors: np.ndarray, queries: np.ndarray, kinds: tuple[str, 
     if served is not None:
         built[served[1]["factory"]] = (faiss.read_index(str(served[0])), served[1]["build_s"])
     rows = []
-    for cfg in candidates(kinds, len(vectors)):
-        factory = factory_string(cfg, len(vectors))
+    for cfg in candidates(kinds, *vectors.shape):
+        factory = factory_string(cfg, *vectors.shape)
         if factory not in built:
             faiss.omp_set_num_threads(2)
             started = time.perf_counter()
@@ -91,8 +95,7 @@ def compare_indexes(vectors: np.ndarray, queries: np.ndarray, kinds: tuple[str, 
         if cfg.kind == "hnsw":
             index.hnsw.efSearch = cfg.ef_search
         faiss.omp_set_num_threads(2)
-        _, found = index.search(queries, 10)
-        recall = float(np.mean([len(np.intersect1d(f, e)) for f, e in zip(found, exact)]) / 10)
+        recall = recall_against_exact(index, queries, vectors, 10, exact)
         row = {
             "kind": cfg.kind, "factory": factory, "nprobe": nprobe,
             "k_factor": cfg.refine_k_factor if isinstance(index, faiss.IndexRefine) else None,

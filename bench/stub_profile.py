@@ -111,6 +111,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--interleave", action="store_true",
                         help="serve every system at once and alternate short perf_analyzer windows between them, "
                              "so each round's systems see the same load (a shared, noisy machine)")
+    parser.add_argument("--serve-variant", action="append", default=[], metavar="FIELD=VALUE",
+                        help="also serve ours with this serve setting changed (threads=2, instance_count=2, ...); repeatable")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -130,6 +132,25 @@ def profiled_repository(repository: Path, out: Path) -> Path:
         manifest["repository_files"].update(file_digests(version, ["model.py", "model_impl.py"]))
         (version / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
     return out
+
+
+def variant_repository(artifacts: Path, out: Path, variant: str) -> Path:
+    """Our repository for `artifacts` served with one serve setting changed ("threads=2")."""
+    import dataclasses
+
+    from common.config import ServeConfig
+    from common.manifest import artifacts_config, read_manifest
+    from ensemble.build import build_repository
+
+    field, _, value = variant.partition("=")
+    kinds = {f.name: f.type for f in dataclasses.fields(ServeConfig)}
+    if field not in kinds:
+        raise SystemExit(f"--serve-variant {variant!r}: serve has no setting {field!r}")
+    cfg = artifacts_config(read_manifest(artifacts))
+    current = getattr(cfg.serve, field)
+    serve = dataclasses.replace(cfg.serve, **{field: type(current)(value)})
+    shutil.rmtree(out, ignore_errors=True)
+    return build_repository(artifacts, out, cfg=dataclasses.replace(cfg, serve=serve))
 
 
 def repository_at_revision(repository: Path, out: Path, revision: str) -> Path:
@@ -189,6 +210,8 @@ def main(argv=None) -> int:
     servers = [("trivial", repos["trivial"], trivial.MODEL), ("ours", repos["ours"], "retrieval")]
     if args.compare_ref:
         servers.append(("ref", repository_at_revision(repos["ours"], out / "repo_ref", args.compare_ref), "retrieval"))
+    for variant in args.serve_variant:
+        servers.append((f"ours {variant}", variant_repository(scaled, out / f"repo_{variant.replace('=', '_')}", variant), "retrieval"))
     if args.interleave:
         return interleaved(args, servers, rows, shapes, concurrencies, perf, repos)
     rounds = []

@@ -325,26 +325,29 @@ class IndexConfig:
             "flat" (exact inner product), "ivf" (IVF-Flat), "ivf_sq" (IVF whose lists hold
             scalar-quantized codes, `sq_type`: a quarter of the memory at SQ8), "ivf_pq" (IVF
             whose lists hold 4-bit product-quantized codes scanned with SIMD lookups, the best
-            refine_k_factor x k re-ranked by the `refine` codes) or "hnsw" (HNSW-Flat). At 10M
-            synthetic items, nprobe 64 of 4096 cells: IVF-PQ32x4fs re-ranking 512 x k by fp16
-            codes kept recall@10 at 0.973 for 2.1 ms a query in 1.45 GB; IVF-SQ8 0.969 for
-            3.4 ms in 688 MB; IVF-PQ re-ranking 16 x k stopped at 0.55 at any probe, 128 x k at
-            0.88 (the 4-bit codes rank 10M near neighbours only roughly). `make bench` measures them: at 1M items IVF1024 with nprobe 16 kept
-            recall@10 at 0.987 for 0.13 ms a query, HNSW32 reached 0.68 at ef 128 on these
-            inner-product embeddings with twice the memory; at 10M, IVF-Flat needs 2.6 GB.
+            refine_k_factor x k re-ranked by the `refine` codes) or "hnsw" (HNSW-Flat).
+            Measured one query at a time, 18 deep as served, on the bench's synthetic catalogue
+            (`make bench`): at 1M items IVF-Flat (1024 cells, nprobe 32) took 0.99 ms for
+            recall@10 0.977, IVF-PQ (1024 cells, nprobe 32, a 4-bit code per dimension, 16 x k
+            re-ranked by fp16 codes) 0.36 ms for 0.976; at 10M, IVF-PQ (4096 cells, nprobe 64)
+            0.96 ms for 0.974 in 1.6 GB, where 4-bit codes per pair of dimensions needed 512 x k
+            re-ranked for 0.981 and took 2.6 ms (the candidates' fp16 codes are read at random
+            from 1.3 GB). HNSW32 reached 0.68 at ef 128 at 1M on these inner-product embeddings.
         flat_max_items: the largest catalogue that "auto" serves with an exact index.
         ivf_max_items: the largest catalogue that "auto" serves with IVF-Flat (float vectors in
-            the lists, 2.6 GB at 10M items); above it, "auto" builds ivf_pq.
+            the lists, a scan about 3x slower than IVF-PQ's at 1M items); above it, "auto" builds ivf_pq.
         nlist: IVF-Flat cells; capped at the catalogue size / 39 so that k-means has data.
         nprobe: IVF-Flat cells visited per query.
         sq_nlist: IVF-SQ cells (capped as nlist is).
         sq_nprobe: IVF-SQ cells visited per query.
         sq_type: the code of each vector in IVF-SQ lists: "SQ8" (1 byte a dimension), "SQ6",
             "SQ4" or "SQfp16" (2 bytes a dimension).
-        pq_nlist: IVF-PQ cells (capped as nlist is).
-        pq_nprobe: IVF-PQ cells visited per query.
+        pq_nlist: IVF-PQ cells; 0: the power of two nearest the square root of the catalogue
+            size (1,024 at 1M items, 4,096 at 10M); capped as nlist is.
+        pq_nprobe: IVF-PQ cells visited per query ("auto" widens it by half until the recall
+            floor holds: `train.index.wider_probe`).
         pq_m: IVF-PQ sub-quantizers, 4 bits each (pq_m / 2 bytes a vector); must divide the
-            embedding size.
+            embedding size; 0: the embedding size (a 4-bit code per dimension).
         refine: codes the IVF-PQ short list is re-ranked with: "SQfp16" (2 bytes a dimension,
             scores within about 1e-4 of exact), "SQ8", "Flat" (exact, 4 bytes a dimension) or
             "none".
@@ -362,17 +365,17 @@ class IndexConfig:
 
     kind: str = "auto"
     flat_max_items: int = 20_000
-    ivf_max_items: int = 2_000_000
+    ivf_max_items: int = 200_000
     nlist: int = 1024
     nprobe: int = 16
     sq_nlist: int = 4096
     sq_nprobe: int = 64
     sq_type: str = "SQ8"
-    pq_nlist: int = 4096
-    pq_nprobe: int = 64
-    pq_m: int = 32
+    pq_nlist: int = 0
+    pq_nprobe: int = 16
+    pq_m: int = 0
     refine: str = "SQfp16"
-    refine_k_factor: float = 512.0
+    refine_k_factor: float = 16.0
     train_points_per_cell: int = 64
     add_chunk: int = 1_000_000
     hnsw_m: int = 32
@@ -393,9 +396,10 @@ class IndexConfig:
         _check(1 <= self.sq_nprobe <= self.sq_nlist, f"index.sq_nprobe must be in 1..sq_nlist={self.sq_nlist}, got {self.sq_nprobe}")
         sq_types = ("SQ8", "SQ6", "SQ4", "SQfp16")
         _check(self.sq_type in sq_types, f"index.sq_type must be one of {sq_types}, got {self.sq_type!r}")
-        _check(self.pq_nlist >= 1, f"index.pq_nlist must be >= 1, got {self.pq_nlist}")
-        _check(1 <= self.pq_nprobe <= self.pq_nlist, f"index.pq_nprobe must be in 1..pq_nlist={self.pq_nlist}, got {self.pq_nprobe}")
-        _check(self.pq_m >= 1 and self.pq_m % 2 == 0, f"index.pq_m must be a positive even number, got {self.pq_m}")
+        _check(self.pq_nlist >= 0, f"index.pq_nlist must be >= 0 (0: about the square root of the catalogue size), got {self.pq_nlist}")
+        _check(self.pq_nprobe >= 1, f"index.pq_nprobe must be >= 1, got {self.pq_nprobe}")
+        _check(not self.pq_nlist or self.pq_nprobe <= self.pq_nlist, f"index.pq_nprobe must be in 1..pq_nlist={self.pq_nlist}, got {self.pq_nprobe}")
+        _check(self.pq_m >= 0 and self.pq_m % 2 == 0, f"index.pq_m must be 0 (the embedding size) or a positive even number, got {self.pq_m}")
         refines = ("none", "SQfp16", "SQ8", "Flat")
         _check(self.refine in refines, f"index.refine must be one of {refines}, got {self.refine!r}")
         _check(self.refine_k_factor >= 1, f"index.refine_k_factor must be >= 1, got {self.refine_k_factor}")

@@ -10,7 +10,8 @@ from common.errors import ConfigError, IndexQualityError
 from ensemble.ops.search import ivf_of
 import faiss
 
-from train.index import build_checked_index, build_index, exact_top_k, factory_string, recall_against_exact, search_params, training_sample
+from train.index import (build_checked_index, build_index, exact_top_k, factory_string, recall_against_exact, search_params,
+                         training_sample, wider_probe)
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +41,22 @@ def test_approximate_indexes_reach_their_recall(vectors, cfg):
 
 
 def test_ivf_cells_are_capped_by_catalogue_size():
-    assert factory_string(IndexConfig(kind="ivf", nlist=1024), 3900) == "IVF100,Flat"
-    assert factory_string(IndexConfig(kind="hnsw", hnsw_m=8), 10) == "HNSW8,Flat"
-    assert factory_string(IndexConfig(kind="ivf_sq", sq_nlist=4096, sq_type="SQfp16"), 3900) == "IVF100,SQfp16"
-    assert factory_string(IndexConfig(flat_max_items=10, ivf_max_items=100, pq_nlist=16, pq_nprobe=8), 1000) == "IVF16,PQ32x4fs,Refine(SQfp16)"  # auto, large
+    assert factory_string(IndexConfig(kind="ivf", nlist=1024), 3900, 64) == "IVF100,Flat"
+    assert factory_string(IndexConfig(kind="hnsw", hnsw_m=8), 10, 64) == "HNSW8,Flat"
+    assert factory_string(IndexConfig(kind="ivf_sq", sq_nlist=4096, sq_type="SQfp16"), 3900, 64) == "IVF100,SQfp16"
+    auto_large = IndexConfig(flat_max_items=10, ivf_max_items=100, pq_nlist=16, pq_nprobe=8, pq_m=32)
+    assert factory_string(auto_large, 1000, 64) == "IVF16,PQ32x4fs,Refine(SQfp16)"
+
+
+def test_ivf_pq_cells_and_codes_follow_the_catalogue_and_the_vector_size():
+    cfg = IndexConfig(kind="ivf_pq")  # pq_nlist 0: the power of two nearest sqrt(n); pq_m 0: a code per dimension
+    assert factory_string(cfg, 1_000_000, 64) == "IVF1024,PQ64x4fs,Refine(SQfp16)"
+    assert factory_string(cfg, 10_000_000, 64) == "IVF4096,PQ64x4fs,Refine(SQfp16)"
+    assert factory_string(cfg, 473_333, 32) == "IVF512,PQ32x4fs,Refine(SQfp16)"
+    assert factory_string(cfg, 3900, 16) == "IVF64,PQ16x4fs,Refine(SQfp16)"
+    assert factory_string(cfg, 1000, 16) == "IVF25,PQ16x4fs,Refine(SQfp16)"  # capped at 39 points a cell
+    with pytest.raises(ConfigError, match="^index.pq_m=32 must divide the embedding size 48$"):
+        factory_string(dataclasses.replace(cfg, pq_m=32), 10_000, 48)
 
 
 def test_exact_top_k_in_blocks_equals_one_block(vectors):
@@ -65,7 +78,7 @@ def test_ivf_trains_on_a_sample_and_adds_every_row(vectors):
 def test_ivf_pq_short_list_is_re_ranked_and_reads_back(vectors, tmp_path):
     items, queries = vectors
     cfg = IndexConfig(kind="ivf_pq", pq_nlist=32, pq_nprobe=32, pq_m=8, refine="SQfp16", refine_k_factor=16)
-    assert factory_string(cfg, 4000) == "IVF32,PQ8x4fs,Refine(SQfp16)"
+    assert factory_string(cfg, 4000, 16) == "IVF32,PQ8x4fs,Refine(SQfp16)"
     index = build_index(items, cfg)
     assert isinstance(index, faiss.IndexRefine) and index.k_factor == 16 and search_params(index) == {"nprobe": 32, "k_factor": 16.0}
     # every cell probed, 160 PQ candidates re-ranked with fp16 vectors: near exact
@@ -96,6 +109,20 @@ def test_recall_floor_fails_the_build(vectors):
         build_checked_index(items, queries, cfg)
     _, report = build_checked_index(items, queries, dataclasses.replace(cfg, kind="flat"))
     assert report.recall_at_10 == 1.0 and report.n_items == 4000
+
+
+def test_auto_index_widens_its_probe_by_half_until_the_floor_holds(vectors):
+    items, queries = vectors
+    steps = [1]
+    while steps[-1] < 64:
+        steps.append(wider_probe(steps[-1], 64))
+    assert steps == [1, 2, 3, 5, 8, 12, 18, 27, 41, 62, 64]
+    cfg = IndexConfig(flat_max_items=10, nlist=64, nprobe=1)  # kind auto: IVF-Flat at 4000 items
+    index, report = build_checked_index(items, queries, cfg)
+    chosen = report.search_params["nprobe"]
+    assert chosen in steps and chosen > 1 and report.recall_at_10 >= 0.95
+    ivf_of(index).nprobe = steps[steps.index(chosen) - 1]
+    assert recall_against_exact(index, queries, items, 10) < 0.95  # the step before fell short: no wider than needed
 
 
 def test_served_ivf_pq_widens_its_probe_for_short_rows(vectors, tmp_path):
