@@ -335,7 +335,9 @@ class IndexConfig:
             from 1.3 GB). HNSW32 reached 0.68 at ef 128 at 1M on these inner-product embeddings.
         flat_max_items: the largest catalogue that "auto" serves with an exact index.
         ivf_max_items: the largest catalogue that "auto" serves with IVF-Flat (float vectors in
-            the lists, a scan about 3x slower than IVF-PQ's at 1M items); above it, "auto" builds ivf_pq.
+            the lists: the search stage took 0.23 ms a request at recall@10 0.965 over the seed-size
+            preset's 489k trained items; at 1M items its scan takes about 3x IVF-PQ's); above it,
+            "auto" builds ivf_pq.
         nlist: IVF-Flat cells; capped at the catalogue size / 39 so that k-means has data.
         nprobe: IVF-Flat cells visited per query.
         sq_nlist: IVF-SQ cells (capped as nlist is).
@@ -365,7 +367,7 @@ class IndexConfig:
 
     kind: str = "auto"
     flat_max_items: int = 20_000
-    ivf_max_items: int = 200_000
+    ivf_max_items: int = 500_000
     nlist: int = 1024
     nprobe: int = 16
     sq_nlist: int = 4096
