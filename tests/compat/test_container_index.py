@@ -1,0 +1,77 @@
+"""The IVF-PQ index our FAISS 1.8 writes (auto's choice above index.ivf_max_items) serves on the
+Merlin 23.08 container's FAISS 1.7.2: it reads, keeps its probe and re-ranking, and answers as 1.8 does."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import faiss
+import numpy as np
+import pytest
+
+from common.config import IndexConfig
+from ensemble.ops.search import SearchItems
+from tests.compat.conftest import ROOT
+from train.index import build_index, search_params
+
+pytestmark = pytest.mark.compat
+
+N_ITEMS, DIM, N_QUERIES = 20_000, 16, 64
+
+# Run in the container stack's Python: our search operator over the files 1.8 wrote.
+SCRIPT = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import faiss, numpy as np
+from ensemble.ops.search import SearchItems, ivf_of
+folder = sys.argv[2]
+op = SearchItems(folder + "/items.faiss", folder + "/item_ids.npy", folder + "/seen.npz", json.loads(sys.argv[3]))
+op.load_artifacts()
+queries = np.load(folder + "/queries.npy")
+top_k = np.full(len(queries), 10)
+ids, scores = op.search(queries, top_k)
+np.save(folder + "/ids_172.npy", ids)
+np.save(folder + "/scores_172.npy", scores)
+excluded = np.where(np.arange(ids.shape[1]) < 5, ids, -1)  # each row's best 5 left out
+np.save(folder + "/ids_172_excluded.npy", op.search(queries, top_k, exclude=excluded)[0])
+print(json.dumps({"faiss": faiss.__version__, "refine": isinstance(op._cpu_index, faiss.IndexRefine),
+                  "nprobe": int(ivf_of(op._cpu_index).nprobe), "k_factor": float(op._cpu_index.k_factor)}))
+"""
+
+
+def _catalogue(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((40, DIM))
+    items = centres[rng.integers(0, len(centres), N_ITEMS)] + 0.3 * rng.standard_normal((N_ITEMS, DIM))
+    items /= np.linalg.norm(items, axis=1, keepdims=True)  # unit norm, as the item tower's output
+    queries = centres[rng.integers(0, len(centres), N_QUERIES)] + 0.5 * rng.standard_normal((N_QUERIES, DIM))
+    return items.astype(np.float32), queries.astype(np.float32)
+
+
+def test_an_ivf_pq_index_written_by_faiss_18_answers_the_same_on_172(compat_python, tmp_path):
+    items, queries = _catalogue()
+    index = build_index(items, IndexConfig(kind="ivf_pq", pq_nlist=64, pq_nprobe=8))
+    assert faiss.__version__.startswith("1.8") and isinstance(index, faiss.IndexRefine)
+    faiss.write_index(index, str(tmp_path / "items.faiss"))
+    np.save(tmp_path / "item_ids.npy", np.arange(N_ITEMS, dtype=np.int64) * 7 + 3)
+    np.savez(tmp_path / "seen.npz", user_ids=np.zeros(0, np.int64), indptr=np.zeros(1, np.int64), indices=np.zeros(0, np.int64))
+    np.save(tmp_path / "queries.npy", queries)
+    params = search_params(index)
+
+    op = SearchItems(tmp_path / "items.faiss", tmp_path / "item_ids.npy", tmp_path / "seen.npz", params)
+    op.load_artifacts()
+    top_k = np.full(N_QUERIES, 10)
+    ids, scores = op.search(queries, top_k)
+    excluded = np.where(np.arange(ids.shape[1]) < 5, ids, -1)
+    ids_excluded = op.search(queries, top_k, exclude=excluded)[0]
+
+    run = subprocess.run([str(compat_python), "-c", SCRIPT, str(ROOT), str(tmp_path), json.dumps(params)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    seen = json.loads(run.stdout.strip().splitlines()[-1])
+    assert seen == {"faiss": "1.7.2", "refine": True, "nprobe": params["nprobe"], "k_factor": params["k_factor"]}
+    np.testing.assert_array_equal(np.load(tmp_path / "ids_172.npy"), ids)
+    np.testing.assert_allclose(np.load(tmp_path / "scores_172.npy"), scores, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(np.load(tmp_path / "ids_172_excluded.npy"), ids_excluded)
+    assert not any(np.isin(row, out).any() for row, out in zip(ids_excluded, ids[:, :5]))  # each row's left-out items are gone
