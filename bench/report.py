@@ -153,6 +153,11 @@ def markdown(report: dict) -> str:
                      f"{ipb['p50_ms']:.3f} | {ipb['p95_ms']:.3f} | {ipb['p99_ms']:.3f} | - | - |")
     ip = report["systems"]["in_process"]
     lines += [f"| in-process (no server) | 1 | {ip['throughput']:.1f} | {ip['p50_ms']:.3f} | {ip['p95_ms']:.3f} | {ip['p99_ms']:.3f} | - | - |", ""]
+    for label, r in (("at the baseline catalogue", report["systems"].get("in_process_baseline")), ("", ip)):
+        if r and "p50_after_idle_ms" in r:
+            lines += [f"In-process {label + ' ' if label else ''}with {r['idle_ms']:g} ms idle before each request (a server's cadence at "
+                      f"concurrency 1): p50 {r['p50_after_idle_ms']:.3f} ms against {r['p50_ms']:.3f} back to back (targets use the "
+                      "latter); stages " + ", ".join(f"{k} {v:.3f}" for k, v in r["stage_after_idle_ms"].items()), ""]
     if any(r.get("unstable") for sys_ in report["systems"].values() for r in sys_.get("sweep", [])):
         lines += ["(unstable): perf_analyzer found no three windows within 100% of each other; the row is 10 windows "
                   "of twice the length, accepted within 300%: read its p95/p99 as the spread.", ""]

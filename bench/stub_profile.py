@@ -319,6 +319,8 @@ def report(results: dict) -> str:
         lines.append(f"| profiled | {r['concurrency']} | {r['throughput']:,.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} |")
     local = results["in_process"]
     lines.append(f"| in-process | 1 | {local['throughput']:,.0f} | {local['p50_ms']:.2f} | {local['p99_ms']:.2f} |")
+    if "p50_after_idle_ms" in local:
+        lines.append(f"| in-process, {local['idle_ms']:g} ms idle before each request | 1 | - | {local['p50_after_idle_ms']:.2f} | - |")
     lines += ["", "Triton's stats, ms per inference over the whole sweep:", "| model | queue | compute_input | compute_infer | compute_output | inferences/execution |",
               "|---|---|---|---|---|---|"]
     systems_seen = [(f"{name} (round {i + 1})", system) for i, one in enumerate(results["rounds"]) for name, system in one.items()]

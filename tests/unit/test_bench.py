@@ -164,6 +164,17 @@ def test_report_attributes_the_gain_step_by_step():
     json.dumps(report)
 
 
+def test_report_shows_the_in_process_path_after_idle_beside_the_target_figure():
+    report = _report()
+    report["systems"]["in_process_baseline"].update(idle_ms=1.0, p50_after_idle_ms=0.9, stage_after_idle_ms={"SearchItems": 0.5})
+    report["summary"] = s = summarize(report)
+    assert s["targets"][FLOOR]["value"] == pytest.approx(1.6 / (1.0 + 0.6))  # the target keeps the back-to-back figure
+    md = markdown(report)
+    assert ("In-process at the baseline catalogue with 1 ms idle before each request (a server's cadence at concurrency 1): "
+            "p50 0.900 ms against 0.600 back to back (targets use the latter); stages SearchItems 0.500") in md
+    assert "In-process with" not in md  # the main catalogue's run has no idle figure in this report
+
+
 def test_bench_refuses_an_export_with_a_history_input(hist_trained, tmp_path):
     """The stock reference cannot feed the history; the bench says so before any work."""
     from bench.__main__ import main
