@@ -326,13 +326,14 @@ class IndexConfig:
             scalar-quantized codes, `sq_type`: a quarter of the memory at SQ8), "ivf_pq" (IVF
             whose lists hold 4-bit product-quantized codes scanned with SIMD lookups, the best
             refine_k_factor x k re-ranked by the `refine` codes) or "hnsw" (HNSW-Flat).
-            Measured one query at a time, 18 deep as served, on the bench's synthetic catalogue
-            (`make bench`): at 1M items IVF-Flat (1024 cells, nprobe 32) took 0.99 ms for
-            recall@10 0.977, IVF-PQ (1024 cells, nprobe 32, a 4-bit code per dimension, 16 x k
-            re-ranked by fp16 codes) 0.36 ms for 0.976; at 10M, IVF-PQ (4096 cells, nprobe 64)
-            0.96 ms for 0.974 in 1.6 GB, where 4-bit codes per pair of dimensions needed 512 x k
-            re-ranked for 0.981 and took 2.6 ms (the candidates' fp16 codes are read at random
-            from 1.3 GB). HNSW32 reached 0.68 at ef 128 at 1M on these inner-product embeddings.
+            Measured by `make bench` at 10M synthetic items, one query at a time, 18 deep as
+            served: IVF-PQ (4096 cells, nprobe 64, a 4-bit code per dimension, 16 x k re-ranked by
+            fp16 codes) 0.90 ms for recall@10 0.972 in 1.6 GB; with a 4-bit code per pair of
+            dimensions it needed 512 x k re-ranked for 0.983 and took 3.2 ms (the candidates'
+            fp16 codes are read at random from 1.3 GB); IVF-SQ8 (nprobe 64) 2.7 ms for 0.969.
+            At 1M items the search stage took 0.56 ms a request in-process with IVF-PQ (1024
+            cells) and 1.13 ms with IVF-Flat (1024 cells, nprobe 32) (`python -m bench.stub_profile`).
+            HNSW32 reached 0.68 at ef 128 at 1M on these inner-product embeddings.
         flat_max_items: the largest catalogue that "auto" serves with an exact index.
         ivf_max_items: the largest catalogue that "auto" serves with IVF-Flat (float vectors in
             the lists: the search stage took 0.23 ms a request at recall@10 0.965 over the seed-size
