@@ -37,7 +37,7 @@ def users_raw(trained):
 def test_compiled_transform_equals_the_workflow(user_wf_dir, users_raw):
     op = TransformUserFeatures(user_wf_dir)
     op.load_artifacts()
-    assert op.compiled
+    assert op.compiled and set(op._dense.columns) == set(op._tables)  # every column by the one lookup
     rng = np.random.default_rng(0)
     frame = users_raw.sample(200, replace=True, random_state=1).reset_index(drop=True)
     for col in frame.columns:  # a quarter of the values never seen in training
@@ -48,6 +48,28 @@ def test_compiled_transform_equals_the_workflow(user_wf_dir, users_raw):
     for col in frame.columns:
         np.testing.assert_array_equal(out[col].values, expected[col].to_numpy(), err_msg=col)
         assert out[col].values.dtype == expected[col].dtype
+
+
+def test_dense_codes_equal_each_columns_own_encoding():
+    from ensemble.ops.transform import CategoryTable, DenseCodes
+
+    rng = np.random.default_rng(0)
+    tables = {  # vocabularies with gaps, a negative one, and one too wide for the table's budget
+        "a": CategoryTable(np.array([3, 5, 9], np.int64), np.array([4, 5, 6], np.int32), 2, 1, np.dtype(np.int32)),
+        "b": CategoryTable(np.array([-7, 0, 40], np.int64), np.array([3, 4, 5], np.int64), 2, 1, np.dtype(np.int64)),
+        "wide": CategoryTable(np.array([0, 10**9], np.int64), np.array([3, 4], np.int32), 2, 1, np.dtype(np.int32)),
+    }
+    dense = DenseCodes.from_tables(tables, max_entries=100)
+    assert dense.columns == ("a", "b")  # "wide" spans 10**9 values: it keeps its searchsorted
+    extreme = [np.iinfo(np.int64).min, np.iinfo(np.int64).max, MISSING]  # far outside: no wrap-around into a block
+    columns = {c: np.concatenate([rng.integers(-10, 50, 500), extreme, tables[c].keys]) for c in ("a", "b")}
+    out = dense.encode(columns)
+    for c in ("a", "b"):
+        expected = tables[c].encode(columns[c])
+        np.testing.assert_array_equal(out[c], expected, err_msg=c)
+        assert out[c].dtype == expected.dtype
+    assert list(out["a"][-6:-3]) == [2, 2, 1]  # out of vocabulary twice, then the null code
+    assert DenseCodes.from_tables({"wide": tables["wide"]}, max_entries=100) is None
 
 
 def test_missing_values_get_the_null_code_stock_categorify_cannot(user_wf_dir, users_raw):
