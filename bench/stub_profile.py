@@ -135,22 +135,15 @@ def profiled_repository(repository: Path, out: Path) -> Path:
 
 
 def variant_repository(artifacts: Path, out: Path, variant: str) -> Path:
-    """Our repository for `artifacts` served with one serve setting changed ("threads=2")."""
-    import dataclasses
-
-    from common.config import ServeConfig
+    """Our repository for `artifacts` served with one serve setting changed ("threads=2"): the
+    setting is read as `--set serve.<variant>` would be (typed, validated)."""
+    from common.config import load_config
     from common.manifest import artifacts_config, read_manifest
     from ensemble.build import build_repository
 
-    field, _, value = variant.partition("=")
-    kinds = {f.name: f.type for f in dataclasses.fields(ServeConfig)}
-    if field not in kinds:
-        raise SystemExit(f"--serve-variant {variant!r}: serve has no setting {field!r}")
-    cfg = artifacts_config(read_manifest(artifacts))
-    current = getattr(cfg.serve, field)
-    serve = dataclasses.replace(cfg.serve, **{field: type(current)(value)})
+    cfg = load_config(overrides=[f"serve.{variant}"], environ={}, base=artifacts_config(read_manifest(artifacts)))
     shutil.rmtree(out, ignore_errors=True)
-    return build_repository(artifacts, out, cfg=dataclasses.replace(cfg, serve=serve))
+    return build_repository(artifacts, out, cfg=cfg)
 
 
 def repository_at_revision(repository: Path, out: Path, revision: str) -> Path:
