@@ -351,10 +351,15 @@ class IndexConfig:
             floor holds: `train.index.wider_probe`).
         pq_m: IVF-PQ sub-quantizers, 4 bits each (pq_m / 2 bytes a vector); must divide the
             embedding size; 0: the embedding size (a 4-bit code per dimension).
+        pq_residual: IVF-PQ codes each vector's offset from its cell's centroid (FAISS's
+            by_residual, factory suffix "fsr") instead of the vector itself. At 1M items it reached
+            recall@10 0.951 at nprobe 12 with 4 x k re-ranked (0.14 ms a query) where plain codes
+            needed nprobe 24 and 16 x k for 0.949 (0.23 ms).
         refine: codes the IVF-PQ short list is re-ranked with: "SQfp16" (2 bytes a dimension,
             scores within about 1e-4 of exact), "SQ8", "Flat" (exact, 4 bytes a dimension) or
             "none".
-        refine_k_factor: IVF-PQ returns refine_k_factor x k candidates for re-ranking.
+        refine_k_factor: IVF-PQ returns refine_k_factor x k candidates for re-ranking (k: the
+            search depth, top_k + exclusions + 8 for ties).
         train_points_per_cell: IVF k-means is trained on a seeded sample of this many vectors
             per cell (FAISS itself caps at 256), not on the whole catalogue.
         add_chunk: vectors added to an IVF index per call, which bounds the temporary memory
@@ -377,8 +382,9 @@ class IndexConfig:
     pq_nlist: int = 0
     pq_nprobe: int = 16
     pq_m: int = 0
+    pq_residual: bool = True
     refine: str = "SQfp16"
-    refine_k_factor: float = 16.0
+    refine_k_factor: float = 4.0
     train_points_per_cell: int = 64
     add_chunk: int = 1_000_000
     hnsw_m: int = 32
@@ -440,7 +446,13 @@ class ServeConfig:
             a batch. 0 runs at once when idle; requests that queue while a batch runs are still
             merged into the next one.
         instance_count: executor model instances (each a Python process).
-        threads: intra-op threads of TensorFlow, BLAS and FAISS in each instance.
+        threads: FAISS's search threads (OpenMP, over the queries of a batch) and TensorFlow's
+            intra-op threads in each instance; BLAS (the compiled tower) always runs on one.
+            2 by default: at 1M items a batch of 5 searches in 0.8 ms instead of 1.3, and at
+            concurrency 8 the server answers 1,719 against 1,389 infer/s (README, "Serving speed").
+            FAISS's idle threads spin for about a millisecond after each search (libgomp's
+            default), a second core's worth of CPU at concurrency 1; OMP_WAIT_POLICY=PASSIVE in
+            the server's environment stops that, at a cost (measured there too).
         tower_runtime: "numpy" (the compiled tower, the default) or "tensorflow" (the SavedModel).
         feature_store: "embedded" (the exported parquet table in each server's memory) or a
             Redis URL (redis://host:port/db) shared by replicas; fill it with
@@ -476,7 +488,7 @@ class ServeConfig:
     max_exclude: int = 1000
     max_queue_delay_us: int = 0
     instance_count: int = 1
-    threads: int = 1
+    threads: int = 2
     tower_runtime: str = "numpy"
     feature_store: str = "embedded"
     feature_store_timeout_s: float = 0.5

@@ -97,7 +97,10 @@ def load_executor(ensemble_dir: str | Path, limits: Limits, params: Mapping[str,
     from threadpoolctl import threadpool_limits
 
     faiss.omp_set_num_threads(threads)
-    threadpool_limits(threads)  # BLAS (the compiled tower's matmuls)
+    # BLAS stays at one thread whatever `threads` says: the compiled tower's matmuls are a few
+    # hundred rows at most, and OpenBLAS's threads spin-waiting beside FAISS's OpenMP team made
+    # the tower 8x slower (0.08 -> 0.65 ms a one-user request at threads=2, bench.stub_profile).
+    threadpool_limits(1, user_api="blas")
     ensemble = Ensemble.load(str(ensemble_dir))
     runner = GraphRunner(ensemble)
     n_items = 0

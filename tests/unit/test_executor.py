@@ -297,3 +297,19 @@ def test_protobuf_stays_compiled_on_the_request_path():
     from google.protobuf.internal import api_implementation
 
     assert api_implementation.Type() != "python"
+
+
+def test_a_loaded_model_searches_on_serve_threads_and_keeps_blas_on_one(repository):
+    import faiss
+    from threadpoolctl import threadpool_info
+
+    from ensemble.loader import load_model_in_process, model_parameters
+
+    params, _ = model_parameters(repository / contract.MODEL_NAME, 1)
+    assert params["threads"] == "2"  # serve.threads' default
+    faiss.omp_set_num_threads(1)  # whatever ran before in this process
+    load_model_in_process(repository)
+    assert faiss.omp_get_max_threads() == 2
+    # the compiled tower's small matmuls ran 8x slower with OpenBLAS threads beside FAISS's team
+    blas = {pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"}
+    assert blas == {1}
