@@ -54,7 +54,10 @@ def factory_string(cfg: IndexConfig, n_items: int, dim: int) -> str:
         # Refine(...) is FAISS 1.8's factory syntax; the IndexRefine it writes also reads and
         # searches on 1.7.2 (the Merlin container's), where ensemble.ops.search opens it.
         refine = "" if cfg.refine == "none" else f",Refine({cfg.refine})"
-        return f"IVF{ivf_cells(cfg, n_items)},PQ{pq_codes(cfg, dim)}x4fs{refine}"
+        # "fsr": the codes quantize each vector's offset from its cell centroid (by_residual);
+        # FAISS 1.7.2 parses and reads it too.
+        residual = "r" if cfg.pq_residual else ""
+        return f"IVF{ivf_cells(cfg, n_items)},PQ{pq_codes(cfg, dim)}x4fs{residual}{refine}"
     return f"HNSW{cfg.hnsw_m},Flat"
 
 

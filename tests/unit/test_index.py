@@ -45,16 +45,16 @@ def test_ivf_cells_are_capped_by_catalogue_size():
     assert factory_string(IndexConfig(kind="hnsw", hnsw_m=8), 10, 64) == "HNSW8,Flat"
     assert factory_string(IndexConfig(kind="ivf_sq", sq_nlist=4096, sq_type="SQfp16"), 3900, 64) == "IVF100,SQfp16"
     auto_large = IndexConfig(flat_max_items=10, ivf_max_items=100, pq_nlist=16, pq_nprobe=8, pq_m=32)
-    assert factory_string(auto_large, 1000, 64) == "IVF16,PQ32x4fs,Refine(SQfp16)"
+    assert factory_string(auto_large, 1000, 64) == "IVF16,PQ32x4fsr,Refine(SQfp16)"
 
 
 def test_ivf_pq_cells_and_codes_follow_the_catalogue_and_the_vector_size():
     cfg = IndexConfig(kind="ivf_pq")  # pq_nlist 0: the power of two nearest sqrt(n); pq_m 0: a code per dimension
-    assert factory_string(cfg, 1_000_000, 64) == "IVF1024,PQ64x4fs,Refine(SQfp16)"
-    assert factory_string(cfg, 10_000_000, 64) == "IVF4096,PQ64x4fs,Refine(SQfp16)"
-    assert factory_string(cfg, 473_333, 32) == "IVF512,PQ32x4fs,Refine(SQfp16)"
-    assert factory_string(cfg, 3900, 16) == "IVF64,PQ16x4fs,Refine(SQfp16)"
-    assert factory_string(cfg, 1000, 16) == "IVF25,PQ16x4fs,Refine(SQfp16)"  # capped at 39 points a cell
+    assert factory_string(cfg, 1_000_000, 64) == "IVF1024,PQ64x4fsr,Refine(SQfp16)"
+    assert factory_string(cfg, 10_000_000, 64) == "IVF4096,PQ64x4fsr,Refine(SQfp16)"
+    assert factory_string(cfg, 473_333, 32) == "IVF512,PQ32x4fsr,Refine(SQfp16)"
+    assert factory_string(cfg, 3900, 16) == "IVF64,PQ16x4fsr,Refine(SQfp16)"
+    assert factory_string(cfg, 1000, 16) == "IVF25,PQ16x4fsr,Refine(SQfp16)"  # capped at 39 points a cell
     with pytest.raises(ConfigError, match="^index.pq_m=32 must divide the embedding size 48$"):
         factory_string(dataclasses.replace(cfg, pq_m=32), 10_000, 48)
 
@@ -78,7 +78,7 @@ def test_ivf_trains_on_a_sample_and_adds_every_row(vectors):
 def test_ivf_pq_short_list_is_re_ranked_and_reads_back(vectors, tmp_path):
     items, queries = vectors
     cfg = IndexConfig(kind="ivf_pq", pq_nlist=32, pq_nprobe=32, pq_m=8, refine="SQfp16", refine_k_factor=16)
-    assert factory_string(cfg, 4000, 16) == "IVF32,PQ8x4fs,Refine(SQfp16)"
+    assert factory_string(cfg, 4000, 16) == "IVF32,PQ8x4fsr,Refine(SQfp16)"
     index = build_index(items, cfg)
     assert isinstance(index, faiss.IndexRefine) and index.k_factor == 16 and search_params(index) == {"nprobe": 32, "k_factor": 16.0}
     # every cell probed, 160 PQ candidates re-ranked with fp16 vectors: near exact
@@ -87,10 +87,22 @@ def test_ivf_pq_short_list_is_re_ranked_and_reads_back(vectors, tmp_path):
     assert recall_against_exact(no_refine, queries, items, 10) < 0.9  # 4-bit codes alone are coarse
     faiss.write_index(index, str(tmp_path / "i.faiss"))
     loaded = faiss.read_index(str(tmp_path / "i.faiss"))
-    assert loaded.k_factor == 16 and ivf_of(loaded).nprobe == 32
+    assert loaded.k_factor == 16 and ivf_of(loaded).nprobe == 32 and ivf_of(loaded).by_residual
     np.testing.assert_array_equal(loaded.search(queries, 10)[1], index.search(queries, 10)[1])
     with pytest.raises(ConfigError, match="index.pq_m=6 must divide the embedding size 16"):
         build_index(items, dataclasses.replace(cfg, pq_m=6))
+
+
+def test_ivf_pq_codes_of_offsets_from_the_cell_rank_better_than_codes_of_the_vectors(vectors):
+    items, queries = vectors
+    cfg = IndexConfig(kind="ivf_pq", pq_nlist=32, pq_nprobe=32, pq_m=8, refine="none")
+    assert factory_string(dataclasses.replace(cfg, pq_residual=False), 4000, 16) == "IVF32,PQ8x4fs"
+    plain = build_index(items, dataclasses.replace(cfg, pq_residual=False))
+    residual = build_index(items, cfg)
+    assert not ivf_of(plain).by_residual and ivf_of(residual).by_residual
+    # every cell probed and nothing re-ranked: the codes alone decide the order
+    plain_recall, residual_recall = (recall_against_exact(i, queries, items, 10) for i in (plain, residual))
+    assert residual_recall > plain_recall + 0.03, (plain_recall, residual_recall)  # 0.54 against 0.49
 
 
 def test_ivf_sq_index_reads_back_with_its_probe(vectors, tmp_path):
