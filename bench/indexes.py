@@ -33,7 +33,7 @@ CANDIDATES = (
     IndexConfig(kind="ivf_pq", pq_nprobe=64, refine_k_factor=8),
     IndexConfig(kind="ivf_pq", pq_nprobe=64),
     IndexConfig(kind="ivf_pq", pq_nprobe=128),
-    # the previous default: a 4-bit code per pair of dimensions, 512 x k re-ranked
+    # a 4-bit code per pair of dimensions, 512 x k re-ranked (with plain codes, the default before last)
     IndexConfig(kind="ivf_pq", pq_nlist=4096, pq_nprobe=64, pq_m=32, refine_k_factor=512),
     IndexConfig(kind="hnsw", ef_search=64),
     IndexConfig(kind="hnsw", ef_search=128),

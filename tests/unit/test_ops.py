@@ -315,3 +315,28 @@ def test_exact_ties_are_broken_by_catalogue_row_at_any_depth(tmp_path):
     for k in (3, 5, 12):
         ids, _ = op.search(q, np.array([k, 20]))  # the second row makes the search deeper
         assert ids[0, :k].tolist() == list(range(100, 100 + k))
+
+
+def test_ivf_pq_answers_do_not_depend_on_the_batch_on_two_threads(tmp_path):
+    """serve.threads 2: FAISS splits a batch's queries (or one query's cells) over its team; a
+    row's ids and scores must still be those it gets alone."""
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(40, 16)).astype(np.float32)
+    vectors = (centres[rng.integers(0, 40, 20_000)] + 0.3 * rng.normal(size=(20_000, 16))).astype(np.float32)
+    index = build_index(vectors, IndexConfig(kind="ivf_pq", pq_nlist=64, pq_nprobe=8, pq_m=16))
+    faiss.write_index(index, str(tmp_path / "i.faiss"))
+    np.save(tmp_path / "ids.npy", np.arange(20_000, dtype=np.int64))
+    np.savez(tmp_path / "s.npz", user_ids=np.array([1]), indptr=np.array([0, 0]), indices=np.zeros(0, np.int64))
+    op = SearchItems(tmp_path / "i.faiss", tmp_path / "ids.npy", tmp_path / "s.npz", {"nprobe": 8, "k_factor": 4})
+    op.load_artifacts()
+    queries = (centres[rng.integers(0, 40, 64)] + 0.3 * rng.normal(size=(64, 16))).astype(np.float32)
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(2)
+    try:
+        alone = [op.search(queries[i : i + 1], np.array([10])) for i in range(64)]
+        for n in (2, 5, 8, 19, 20, 21, 64):
+            ids, scores = op.search(queries[:n], np.full(n, 10))
+            for i in range(n):
+                assert np.array_equal(ids[i], alone[i][0][0]) and np.array_equal(scores[i], alone[i][1][0]), (n, i)
+    finally:
+        faiss.omp_set_num_threads(before)
