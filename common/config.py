@@ -348,7 +348,7 @@ class IndexConfig:
         pq_nlist: IVF-PQ cells; 0: the power of two nearest the square root of the catalogue
             size (1,024 at 1M items, 4,096 at 10M); capped as nlist is.
         pq_nprobe: IVF-PQ cells visited per query ("auto" widens it by half until the recall
-            floor holds: `train.index.wider_probe`).
+            floor holds, then settles on the narrowest width that holds it: `train.index.narrowest_probe`).
         pq_m: IVF-PQ sub-quantizers, 4 bits each (pq_m / 2 bytes a vector); must divide the
             embedding size; 0: the embedding size (a 4-bit code per dimension).
         pq_residual: IVF-PQ codes each vector's offset from its cell's centroid (FAISS's

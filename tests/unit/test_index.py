@@ -10,8 +10,8 @@ from common.errors import ConfigError, IndexQualityError
 from ensemble.ops.search import ivf_of
 import faiss
 
-from train.index import (build_checked_index, build_index, exact_top_k, factory_string, recall_against_exact, search_params,
-                         training_sample, wider_probe)
+from train.index import (build_checked_index, build_index, exact_top_k, factory_string, narrowest_probe, recall_against_exact,
+                         search_params, training_sample, wider_probe)
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +123,7 @@ def test_recall_floor_fails_the_build(vectors):
     assert report.recall_at_10 == 1.0 and report.n_items == 4000
 
 
-def test_auto_index_widens_its_probe_by_half_until_the_floor_holds(vectors):
+def test_auto_index_widens_its_probe_by_half_then_settles_on_the_narrowest_that_holds_the_floor(vectors):
     items, queries = vectors
     steps = [1]
     while steps[-1] < 64:
@@ -132,9 +132,29 @@ def test_auto_index_widens_its_probe_by_half_until_the_floor_holds(vectors):
     cfg = IndexConfig(flat_max_items=10, nlist=64, nprobe=1)  # kind auto: IVF-Flat at 4000 items
     index, report = build_checked_index(items, queries, cfg)
     chosen = report.search_params["nprobe"]
-    assert chosen in steps and chosen > 1 and report.recall_at_10 >= 0.95
-    ivf_of(index).nprobe = steps[steps.index(chosen) - 1]
-    assert recall_against_exact(index, queries, items, 10) < 0.95  # the step before fell short: no wider than needed
+    assert chosen > 1 and report.recall_at_10 >= 0.95
+    assert report.recall_at_10 == recall_against_exact(index, queries, items, 10)  # reported as served
+    ivf_of(index).nprobe = chosen - 1
+    assert recall_against_exact(index, queries, items, 10) < 0.95  # one cell fewer falls short: no wider than needed
+
+
+def test_narrowest_probe_bisects_between_the_widths_that_fell_short_and_held():
+    class Ivf:
+        nprobe, nlist = 16, 4096
+
+    ivf, tried = Ivf(), []
+    recall_at = {n: 0.96 if n >= 41 else 0.90 for n in range(1, 4097)}  # 41 is the first width to hold 0.95
+
+    def measure():
+        tried.append(ivf.nprobe)
+        return recall_at[ivf.nprobe]
+
+    assert narrowest_probe(ivf, 0.95, recall_at[16], measure) == 0.96 and ivf.nprobe == 41
+    assert tried == [24, 36, 54, 45, 40, 42, 41]  # widened by half to 54, then bisected in 36..54
+    ivf.nprobe, tried = 16, []
+    assert narrowest_probe(ivf, 0.99, recall_at[16], measure) == 0.96 and ivf.nprobe == 4096  # never holds: widest, its recall
+    ivf.nprobe = 64
+    assert narrowest_probe(ivf, 0.95, recall_at[64], measure) == 0.96 and ivf.nprobe == 64  # held at once: kept
 
 
 def test_served_ivf_pq_widens_its_probe_for_short_rows(vectors, tmp_path):
