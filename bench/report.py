@@ -120,7 +120,8 @@ def _catalogue_line(cat: dict, label: str) -> str:
     return (f"{label}: {cat['real_items'] + cat['synthetic_items']:,} items ({cat['real_items']:,} trained, {cat['synthetic_items']:,} "
             f"synthetic from a {gen.get('components', '-')}-cell Gaussian mixture fitted to the trained vectors, unit norm), "
             f"d={idx['dim']}; served index {idx['factory']} {idx['search_params']}, built in {idx['build_s']:.1f} s, "
-            f"{idx['bytes'] / 2**20:,.0f} MB, recall@10 vs exact {idx['recall_at_10']:.4f}.")
+            f"{idx['bytes'] / 2**20:,.0f} MB, recall@10 vs exact {idx['recall_at_10']:.4f}"
+            + (f" (standard error {idx['recall_se']:.4f})." if "recall_se" in idx else "."))
 
 
 def markdown(report: dict) -> str:

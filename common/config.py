@@ -351,6 +351,13 @@ class IndexConfig:
             floor holds, then settles on the narrowest width that holds it: `train.index.narrowest_probe`).
         pq_m: IVF-PQ sub-quantizers, 4 bits each (pq_m / 2 bytes a vector); must divide the
             embedding size; 0: the embedding size (a 4-bit code per dimension).
+        pq_hnsw_cells: IVF-PQ with at least this many cells finds a query's cells in an HNSW32 graph
+            over the centroids instead of scanning them all (0: always scan). At 10M items (4,096
+            cells): nprobe 40 held recall@10 0.955 either way, the search took 0.45 ms a query back
+            to back instead of 0.64, and the build 168 s instead of 416 (each vector's cell found in
+            the graph too).
+        pq_quantizer_ef: the graph's search width (efSearch) when it finds nprobe cells (it returns
+            at least nprobe whatever this says).
         pq_residual: IVF-PQ codes each vector's offset from its cell's centroid (FAISS's
             by_residual, factory suffix "fsr") instead of the vector itself. At 1M items it reached
             recall@10 0.951 at nprobe 12 with 4 x k re-ranked (0.14 ms a query) where plain codes
@@ -382,6 +389,8 @@ class IndexConfig:
     pq_nlist: int = 0
     pq_nprobe: int = 16
     pq_m: int = 0
+    pq_hnsw_cells: int = 4096
+    pq_quantizer_ef: int = 64
     pq_residual: bool = True
     refine: str = "SQfp16"
     refine_k_factor: float = 4.0
@@ -409,6 +418,8 @@ class IndexConfig:
         _check(self.pq_nprobe >= 1, f"index.pq_nprobe must be >= 1, got {self.pq_nprobe}")
         _check(not self.pq_nlist or self.pq_nprobe <= self.pq_nlist, f"index.pq_nprobe must be in 1..pq_nlist={self.pq_nlist}, got {self.pq_nprobe}")
         _check(self.pq_m >= 0 and self.pq_m % 2 == 0, f"index.pq_m must be 0 (the embedding size) or a positive even number, got {self.pq_m}")
+        _check(self.pq_hnsw_cells >= 0, f"index.pq_hnsw_cells must be >= 0 (0: never), got {self.pq_hnsw_cells}")
+        _check(self.pq_quantizer_ef >= 1, f"index.pq_quantizer_ef must be >= 1, got {self.pq_quantizer_ef}")
         refines = ("none", "SQfp16", "SQ8", "Flat")
         _check(self.refine in refines, f"index.refine must be one of {refines}, got {self.refine!r}")
         _check(self.refine_k_factor >= 1, f"index.refine_k_factor must be >= 1, got {self.refine_k_factor}")

@@ -1,5 +1,6 @@
-"""The IVF-PQ index our FAISS 1.8 writes (auto's choice above index.ivf_max_items) serves on the
-Merlin 23.08 container's FAISS 1.7.2: it reads, keeps its probe and re-ranking, and answers as 1.8 does."""
+"""The IVF-PQ index our FAISS 1.8 writes (auto's choice above index.ivf_max_items: residual codes, cells
+found by a flat scan or, from index.pq_hnsw_cells on, an HNSW graph) serves on the Merlin 23.08
+container's FAISS 1.7.2: it reads, keeps its probe, graph width and re-ranking, and answers as 1.8 does."""
 
 from __future__ import annotations
 
@@ -35,8 +36,11 @@ np.save(folder + "/ids_172.npy", ids)
 np.save(folder + "/scores_172.npy", scores)
 excluded = np.where(np.arange(ids.shape[1]) < 5, ids, -1)  # each row's best 5 left out
 np.save(folder + "/ids_172_excluded.npy", op.search(queries, top_k, exclude=excluded)[0])
+quantizer = faiss.downcast_index(ivf_of(op._cpu_index).quantizer)
 print(json.dumps({"faiss": faiss.__version__, "refine": isinstance(op._cpu_index, faiss.IndexRefine),
-                  "nprobe": int(ivf_of(op._cpu_index).nprobe), "k_factor": float(op._cpu_index.k_factor)}))
+                  "nprobe": int(ivf_of(op._cpu_index).nprobe), "k_factor": float(op._cpu_index.k_factor),
+                  "residual": bool(faiss.downcast_index(ivf_of(op._cpu_index)).by_residual),
+                  "quantizer_ef": int(quantizer.hnsw.efSearch) if isinstance(quantizer, faiss.IndexHNSW) else None}))
 """
 
 
@@ -49,9 +53,10 @@ def _catalogue(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return items.astype(np.float32), queries.astype(np.float32)
 
 
-def test_an_ivf_pq_index_written_by_faiss_18_answers_the_same_on_172(compat_python, tmp_path):
+@pytest.mark.parametrize("hnsw_cells", [0, 64], ids=["flat quantizer", "hnsw quantizer"])
+def test_an_ivf_pq_index_written_by_faiss_18_answers_the_same_on_172(compat_python, tmp_path, hnsw_cells):
     items, queries = _catalogue()
-    index = build_index(items, IndexConfig(kind="ivf_pq", pq_nlist=64, pq_nprobe=8))
+    index = build_index(items, IndexConfig(kind="ivf_pq", pq_nlist=64, pq_nprobe=8, pq_hnsw_cells=hnsw_cells, pq_quantizer_ef=40))
     assert faiss.__version__.startswith("1.8") and isinstance(index, faiss.IndexRefine)
     faiss.write_index(index, str(tmp_path / "items.faiss"))
     np.save(tmp_path / "item_ids.npy", np.arange(N_ITEMS, dtype=np.int64) * 7 + 3)
@@ -70,7 +75,8 @@ def test_an_ivf_pq_index_written_by_faiss_18_answers_the_same_on_172(compat_pyth
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     seen = json.loads(run.stdout.strip().splitlines()[-1])
-    assert seen == {"faiss": "1.7.2", "refine": True, "nprobe": params["nprobe"], "k_factor": params["k_factor"]}
+    assert seen == {"faiss": "1.7.2", "refine": True, "nprobe": params["nprobe"], "k_factor": params["k_factor"], "residual": True,
+                    "quantizer_ef": 40 if hnsw_cells else None}
     np.testing.assert_array_equal(np.load(tmp_path / "ids_172.npy"), ids)
     np.testing.assert_allclose(np.load(tmp_path / "scores_172.npy"), scores, rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(np.load(tmp_path / "ids_172_excluded.npy"), ids_excluded)

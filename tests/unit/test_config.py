@@ -127,6 +127,8 @@ def test_missing_and_invalid_files(tmp_path):
         (lambda: IndexConfig(pq_m=-2), r"^index.pq_m must be 0 \(the embedding size\) or a positive even number, got -2$"),
         (lambda: IndexConfig(refine="PQ"), r"^index.refine must be one of \('none', 'SQfp16', 'SQ8', 'Flat'\), got 'PQ'$"),
         (lambda: IndexConfig(refine_k_factor=0.5), "^index.refine_k_factor must be >= 1, got 0.5$"),
+        (lambda: IndexConfig(pq_hnsw_cells=-1), r"^index.pq_hnsw_cells must be >= 0 \(0: never\), got -1$"),
+        (lambda: IndexConfig(pq_quantizer_ef=0), "^index.pq_quantizer_ef must be >= 1, got 0$"),
     ],
 )
 def test_validation_errors(make, message):

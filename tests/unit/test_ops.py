@@ -18,7 +18,7 @@ from ensemble.ops.search import PAD_SCORE, SearchItems, ragged_gather
 from ensemble.ops.tower import QueryTower
 from ensemble.ops.transform import TransformUserFeatures
 from train.etl import user_workflow
-from train.index import build_index, exact_top_k
+from train.index import build_index, exact_top_k, search_params
 from common.config import IndexConfig
 
 
@@ -317,17 +317,18 @@ def test_exact_ties_are_broken_by_catalogue_row_at_any_depth(tmp_path):
         assert ids[0, :k].tolist() == list(range(100, 100 + k))
 
 
-def test_ivf_pq_answers_do_not_depend_on_the_batch_on_two_threads(tmp_path):
-    """serve.threads 2: FAISS splits a batch's queries (or one query's cells) over its team; a
-    row's ids and scores must still be those it gets alone."""
+@pytest.mark.parametrize("hnsw_cells", [0, 64], ids=["flat quantizer", "hnsw quantizer"])
+def test_ivf_pq_answers_do_not_depend_on_the_batch_on_two_threads(tmp_path, hnsw_cells):
+    """serve.threads 2: FAISS splits a batch's queries over its team; a row's ids and scores must
+    still be those it gets alone."""
     rng = np.random.default_rng(3)
     centres = rng.normal(size=(40, 16)).astype(np.float32)
     vectors = (centres[rng.integers(0, 40, 20_000)] + 0.3 * rng.normal(size=(20_000, 16))).astype(np.float32)
-    index = build_index(vectors, IndexConfig(kind="ivf_pq", pq_nlist=64, pq_nprobe=8, pq_m=16))
+    index = build_index(vectors, IndexConfig(kind="ivf_pq", pq_nlist=64, pq_nprobe=8, pq_m=16, pq_hnsw_cells=hnsw_cells))
     faiss.write_index(index, str(tmp_path / "i.faiss"))
     np.save(tmp_path / "ids.npy", np.arange(20_000, dtype=np.int64))
     np.savez(tmp_path / "s.npz", user_ids=np.array([1]), indptr=np.array([0, 0]), indices=np.zeros(0, np.int64))
-    op = SearchItems(tmp_path / "i.faiss", tmp_path / "ids.npy", tmp_path / "s.npz", {"nprobe": 8, "k_factor": 4})
+    op = SearchItems(tmp_path / "i.faiss", tmp_path / "ids.npy", tmp_path / "s.npz", search_params(index))
     op.load_artifacts()
     queries = (centres[rng.integers(0, 40, 64)] + 0.3 * rng.normal(size=(64, 16))).astype(np.float32)
     before = faiss.omp_get_max_threads()
