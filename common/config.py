@@ -327,10 +327,11 @@ class IndexConfig:
             whose lists hold 4-bit product-quantized codes scanned with SIMD lookups, the best
             refine_k_factor x k re-ranked by the `refine` codes) or "hnsw" (HNSW-Flat).
             Measured by `make bench` at 10M synthetic items, one query at a time, 18 deep as
-            served: IVF-PQ (4096 cells, nprobe 64, a 4-bit code per dimension, 16 x k re-ranked by
-            fp16 codes) 0.90 ms for recall@10 0.972 in 1.6 GB; with a 4-bit code per pair of
-            dimensions it needed 512 x k re-ranked for 0.983 and took 3.2 ms (the candidates'
-            fp16 codes are read at random from 1.3 GB); IVF-SQ8 (nprobe 64) 2.7 ms for 0.969.
+            served, in one run: IVF-PQ (4096 cells found by HNSW, nprobe 64, a 4-bit residual code
+            per dimension, 4 x k re-ranked by fp16 codes) 1.02 ms for recall@10 0.975 in 1.6 GB;
+            with a code per pair of dimensions and 512 x k re-ranked, 3.9 ms for 0.985 (the
+            candidates' fp16 codes are read at random from 1.3 GB); IVF-SQ8 (nprobe 64) 4.3 ms for
+            0.969 (README, "What comes out").
             At 1M items the search stage took 0.56 ms a request in-process with IVF-PQ (1024
             cells) and 1.13 ms with IVF-Flat (1024 cells, nprobe 32) (`python -m bench.stub_profile`).
             HNSW32 reached 0.68 at ef 128 at 1M on these inner-product embeddings.
@@ -353,9 +354,9 @@ class IndexConfig:
             embedding size; 0: the embedding size (a 4-bit code per dimension).
         pq_hnsw_cells: IVF-PQ with at least this many cells finds a query's cells in an HNSW32 graph
             over the centroids instead of scanning them all (0: always scan). At 10M items (4,096
-            cells): nprobe 40 held recall@10 0.955 either way, the search took 0.45 ms a query back
-            to back instead of 0.64, and the build 168 s instead of 416 (each vector's cell found in
-            the graph too).
+            cells): nprobe 40 held recall@10 0.955 either way; a query took 0.45 ms back to back
+            with the graph, 0.64 with the scan at nprobe 37, and the build 168 s instead of 416
+            (each vector's cell found in the graph too).
         pq_quantizer_ef: the graph's search width (efSearch) when it finds nprobe cells (it returns
             at least nprobe whatever this says).
         pq_residual: IVF-PQ codes each vector's offset from its cell's centroid (FAISS's
