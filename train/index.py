@@ -218,7 +218,8 @@ def wider_probe(nprobe: int, nlist: int) -> int:
 
 
 def narrowest_probe(ivf, floor: float, per_query: np.ndarray, measure) -> np.ndarray:
-    """Sets `ivf.nprobe` to the narrowest width that holds `floor`; returns its per-query recalls.
+    """Sets `ivf.nprobe` to the narrowest width that holds `floor`, never narrower than the
+    configured one it starts from; returns its per-query recalls.
 
     A width holds the floor when its mean recall, less one standard error, is at least the floor:
     the sample also decides the width, and without the margin the narrowest width sat on the floor
