@@ -10,9 +10,9 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from common.config import IndexConfig
+from common.config import IndexConfig, ServeConfig
 from ensemble.ops.search import NO_BLAS_BELOW, TIE_MARGIN, ivf_of
-from train.index import build_index, exact_top_k, factory_string, recall_against_exact
+from train.index import build_index, configure_search, exact_top_k, factory_string, recall_against_exact
 
 LOG = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ CANDIDATES = (
 
 
 def _single_query_ms(index: faiss.Index, queries: np.ndarray, k: int = 10) -> float:
-    faiss.omp_set_num_threads(1)  # as served: one thread per instance, k + TIE_MARGIN deep
+    faiss.omp_set_num_threads(ServeConfig().threads)  # as served: serve.threads' default, k + TIE_MARGIN deep
     times = []
     for q in queries:
         started = time.perf_counter()
@@ -87,13 +87,8 @@ def compare_indexes(vectors: np.ndarray, queries: np.ndarray, kinds: tuple[str, 
             built[factory] = (build_index(vectors, dataclasses.replace(cfg, min_recall_at_10=0.0)), time.perf_counter() - started)
             LOG.info("index choices: built %s over %d vectors in %.1f s", factory, len(vectors), built[factory][1])
         index, build_s = built[factory]
-        nprobe = {"ivf": cfg.nprobe, "ivf_sq": cfg.sq_nprobe, "ivf_pq": cfg.pq_nprobe}.get(cfg.kind)
-        if nprobe is not None:
-            ivf_of(index).nprobe = nprobe
-        if isinstance(index, faiss.IndexRefine):
-            index.k_factor = cfg.refine_k_factor
-        if cfg.kind == "hnsw":
-            index.hnsw.efSearch = cfg.ef_search
+        configure_search(index, cfg)  # the candidate's probe, re-ranking and graph widths (an index may serve several)
+        nprobe = ivf_of(index).nprobe if ivf_of(index) is not None else None
         faiss.omp_set_num_threads(2)
         recall = recall_against_exact(index, queries, vectors, 10, exact)
         row = {

@@ -11,7 +11,7 @@ import numpy as np
 
 from common.config import IndexConfig
 from common.errors import ConfigError, IndexQualityError
-from ensemble.ops.search import TIE_MARGIN, ivf_of
+from ensemble.ops.search import TIE_MARGIN, hnsw_quantizer, ivf_of
 
 LOG = logging.getLogger(__name__)
 
@@ -135,13 +135,6 @@ def search_params(index: faiss.Index) -> dict:
     if quantizer is not None:
         params["quantizer_ef_search"] = int(quantizer.hnsw.efSearch)
     return params
-
-
-def hnsw_quantizer(index: faiss.Index):
-    """The HNSW graph an IVF index finds its cells with, or None (a flat quantizer, or no IVF)."""
-    ivf = ivf_of(index)
-    quantizer = faiss.downcast_index(ivf.quantizer) if ivf is not None else None
-    return quantizer if isinstance(quantizer, faiss.IndexHNSW) else None
 
 
 def configure_search(index: faiss.Index, cfg: IndexConfig) -> None:

@@ -70,6 +70,13 @@ def ivf_of(index: faiss.Index):
         return None
 
 
+def hnsw_quantizer(index: faiss.Index):
+    """The HNSW graph an IVF index finds its cells with, or None (a flat quantizer, or no IVF)."""
+    ivf = ivf_of(index)
+    quantizer = faiss.downcast_index(ivf.quantizer) if ivf is not None else None
+    return quantizer if isinstance(quantizer, faiss.IndexHNSW) else None
+
+
 def gpu_count() -> int:
     """GPUs this FAISS build can use (0 for a CPU-only build)."""
     return faiss.get_num_gpus() if hasattr(faiss, "StandardGpuResources") else 0
@@ -151,7 +158,7 @@ class SearchItems(ArrayOperator, BaseOperator):
         if "ef_search" in self.search_params:
             index.hnsw.efSearch = int(self.search_params["ef_search"])
         if "quantizer_ef_search" in self.search_params:  # IVF cells found in an HNSW graph over the centroids
-            faiss.downcast_index(ivf_of(index).quantizer).hnsw.efSearch = int(self.search_params["quantizer_ef_search"])
+            hnsw_quantizer(index).hnsw.efSearch = int(self.search_params["quantizer_ef_search"])
         self._cpu_index = index
         self._index, on_gpu = place_index(index, self.device)
         self._device_max_k = GPU_MAX_SELECTION_K if on_gpu else None
@@ -174,8 +181,9 @@ class SearchItems(ArrayOperator, BaseOperator):
         """Index, device and how search settings are passed (for the load log)."""
         ivf = ivf_of(self._cpu_index)
         kind = f"IVF{ivf.nlist} nprobe {ivf.nprobe}" if ivf is not None else type(self._cpu_index).__name__
-        if ivf is not None and isinstance(faiss.downcast_index(ivf.quantizer), faiss.IndexHNSW):
-            kind += f" (cells found by HNSW, efSearch {faiss.downcast_index(ivf.quantizer).hnsw.efSearch})"
+        quantizer = hnsw_quantizer(self._cpu_index)
+        if quantizer is not None:
+            kind += f" (cells found by HNSW, efSearch {quantizer.hnsw.efSearch})"
         if isinstance(self._cpu_index, faiss.IndexRefine):
             kind += f", re-ranked by {type(faiss.downcast_index(self._cpu_index.refine_index)).__name__} (k_factor {self._cpu_index.k_factor:g})"
         device = f"GPU 0 (searches deeper than {GPU_MAX_SELECTION_K} on CPU)" if self._device_max_k else "CPU"
