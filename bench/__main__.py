@@ -31,6 +31,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--items", type=int, default=1_000_000, help="catalogue size to serve")
     parser.add_argument("--concurrency", default="1,2,4,8,16", help="comma-separated perf_analyzer concurrencies")
     parser.add_argument("--measurement-ms", type=int, default=3000, help="perf_analyzer measurement window")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="times ours, ours at the baseline catalogue and Triton's floor are measured together (ratio targets per round)")
     parser.add_argument("--index-kinds", default="flat,ivf,ivf_sq,ivf_pq,hnsw",
                         help="index kinds to compare (empty: skip); kinds too slow to build at the size are skipped")
     parser.add_argument("--baseline-items", type=int, default=BASELINE_ITEMS,
@@ -48,6 +50,8 @@ def main(argv=None) -> int:
     from ensemble.build import build_repository
 
     args = parse_args(argv)
+    if args.rounds < 1:
+        raise ConfigError(f"--rounds must be at least 1, got {args.rounds}")
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     concurrencies = [int(c) for c in args.concurrency.split(",") if c]
@@ -98,26 +102,27 @@ def main(argv=None) -> int:
     ref_rows, ref_shapes = systems.reference_inputs(args.artifacts, n_rows, args.seed)
     perf = out / "perf"
 
-    def sweep(name: str, model: str, rows, shapes) -> dict:
-        return systems.sweep_server(name, repos[name], model, rows, shapes, concurrencies, args.tools, perf, args.measurement_ms)
-
-    # The machine's speed drifts over minutes (Triton's floor by 1.5x within one run), so the three
-    # figures of the c=1 target (the floor, ours at the baseline catalogue, the same in-process) are
-    # measured one right after the other; the stock references, which take longest, come last.
-    results = {"ours": sweep("ours", "retrieval", ours_rows, ours_shapes),
-               "trivial": sweep("trivial", trivial.MODEL, ours_rows, ours_shapes)}
+    # The machine's speed drifts by up to 1.7x within minutes: ours, ours at the baseline catalogue
+    # and Triton's floor are served together and measured in rounds, each round every system at
+    # every concurrency back to back, and the ratio targets are taken round by round. The in-process
+    # figures of the c=1 target follow at once; the stock references, which take longest, come last.
+    paired = {"ours": (repos["ours"], "retrieval"), "trivial": (repos["trivial"], trivial.MODEL)}
     if baseline != scaled:
-        results["ours_baseline"] = sweep("ours_baseline", "retrieval", ours_rows, ours_shapes)
+        paired["ours_baseline"] = (repos["ours_baseline"], "retrieval")
+    results = systems.sweep_servers(paired, ours_rows, ours_shapes, concurrencies, args.tools, perf, args.measurement_ms,
+                                    rounds=args.rounds)
+    if baseline != scaled:
         results["in_process_baseline"] = systems.in_process(repos["ours_baseline"], args.artifacts, 3000, args.seed)
     results["in_process"] = systems.in_process(repos["ours"], args.artifacts, 3000, args.seed)
     for name in ("reference", "reference_our_index", "reference_our_index_batched"):
-        results[name] = sweep(name, reference.MODEL, ref_rows, ref_shapes)
+        results[name] = systems.sweep_server(name, repos[name], reference.MODEL, ref_rows, ref_shapes, concurrencies, args.tools, perf,
+                                             args.measurement_ms)
     training = {"ours": train_speed.ours_from_manifest(manifest), "seed": train_speed.seed_fit_examples_per_s(args.work / "etl")}
     full = {
         "machine": f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}, Python {platform.python_version()}",
         "catalogue": catalogue, "indexes": index_rows, "systems": results, "training": training,
         "settings": {"concurrency": concurrencies, "measurement_ms": args.measurement_ms, "items": args.items,
-                     "baseline_items": baseline_items},
+                     "baseline_items": baseline_items, "rounds": args.rounds},
     }
     paths = report.save(full, out)
     print(paths["md"].read_text())

@@ -174,12 +174,12 @@ def summarize(results: dict, name: str = "ours") -> dict:
     trivial, ours, local = results["trivial"]["sweep"], results[name]["sweep"], results["in_process"]
     c1 = {r["concurrency"]: r for r in ours}, {r["concurrency"]: r for r in trivial}
     top = max(c1[0])
-    floor = c1[1][1]["p50_ms"] + local["p50_ms"]
-    return {
-        "p50_c1_ms": c1[0][1]["p50_ms"], "floor_plus_in_process_ms": floor, "p50_ratio": c1[0][1]["p50_ms"] / floor,
-        f"throughput_c{top}": c1[0][top]["throughput"], f"trivial_throughput_c{top}": c1[1][top]["throughput"],
-        "throughput_share": c1[0][top]["throughput"] / c1[1][top]["throughput"],
-    }
+    out = {f"throughput_c{top}": c1[0][top]["throughput"], f"trivial_throughput_c{top}": c1[1][top]["throughput"],
+           "throughput_share": c1[0][top]["throughput"] / c1[1][top]["throughput"]}
+    if 1 in c1[0]:  # the p50 target needs concurrency 1 in the sweep
+        floor = c1[1][1]["p50_ms"] + local["p50_ms"]
+        out.update({"p50_c1_ms": c1[0][1]["p50_ms"], "floor_plus_in_process_ms": floor, "p50_ratio": c1[0][1]["p50_ms"] / floor})
+    return out
 
 
 def main(argv=None) -> int:
@@ -237,66 +237,39 @@ def main(argv=None) -> int:
 
 def interleaved(args, servers, rows, shapes, concurrencies, perf: Path, repos: dict) -> int:
     """All servers up together; each round runs every system at each concurrency back to back."""
-    import contextlib
     import statistics
 
     from bench import systems
-    from client.perf import ensure_perf_analyzer, run_perf, write_input_data
-    from ensemble.server import TritonServer, free_serve_config
+    from bench.report import paired, rounds_at
 
-    binary, env = ensure_perf_analyzer(args.tools)
-    perf.mkdir(parents=True, exist_ok=True)
-    inputs = write_input_data(perf / "interleaved_input.json", rows, shapes)
     local = systems.in_process(repos["ours"], args.artifacts, 3000, args.seed)
-    with contextlib.ExitStack() as stack:
-        up = {name: (stack.enter_context(TritonServer(repo, free_serve_config(ready_timeout_s=600), log_path=perf / f"{name}_il.log",
-                                                      model=model)), model)
-              for name, repo, model in servers}
-        before = {name: systems.model_stats(server.http_url)[model] for name, (server, model) in up.items()}
-        rounds = []
-        for i in range(args.rounds):
-            one = {}
-            for c in concurrencies:
-                for name, (server, model) in up.items():
-                    try:
-                        one[(name, c)] = run_perf(binary, env, model, server.grpc_url, c, inputs, measurement_ms=args.measurement_ms,
-                                                  max_trials=5, stability=100).as_dict()
-                    except Exception as e:  # noqa: BLE001 - an unstable window loses this round, not the run
-                        LOG.warning("round %d: %s at c=%d not measured: %s", i + 1, name, c, e)
-            if len(one) < len(up) * len(concurrencies):
-                continue
-            rounds.append(one)
-            LOG.info("round %d: %s", i + 1, ", ".join(f"{n} c={c} {r['throughput']:.0f}/s p50 {r['p50_ms']:.2f}" for (n, c), r in one.items()))
-        after = {name: systems.model_stats(server.http_url)[model] for name, (server, model) in up.items()}
+    measured = systems.sweep_servers({name: (repo, model) for name, repo, model in servers}, rows, shapes, concurrencies, args.tools,
+                                     perf, args.measurement_ms, rounds=args.rounds)
     top = max(concurrencies)
     lines = [f"interleaved, {args.rounds} rounds, {args.measurement_ms} ms windows; in-process p50 {local['p50_ms']:.3f} ms",
              "| system | c=1 p50 ms (median) | c=%d infer/s (median) | p50 ratio (median of rounds) | c=%d share (median of rounds) |" % (top, top),
              "|---|---|---|---|---|"]
     summary = {}
+    trivial = measured["trivial"]
     for name, _, _ in servers:
-        p50 = [r[(name, 1)]["p50_ms"] for r in rounds]
-        thr = [r[(name, top)]["throughput"] for r in rounds]
-        ratio = [r[(name, 1)]["p50_ms"] / (r[("trivial", 1)]["p50_ms"] + local["p50_ms"]) for r in rounds]
-        share = [r[(name, top)]["throughput"] / r[("trivial", top)]["throughput"] for r in rounds]
-        summary[name] = {"p50_c1_ms": p50, f"throughput_c{top}": thr, "p50_ratio": ratio, "throughput_share": share}
-        lines.append(f"| {name} | {statistics.median(p50):.3f} | {statistics.median(thr):,.0f} | {statistics.median(ratio):.2f} | "
-                     f"{statistics.median(share):.2f} |")
+        system = measured[name]
+        p50 = [r["p50_ms"] for r in rounds_at(system, 1) if r]
+        thr = [r["throughput"] for r in rounds_at(system, top) if r]
+        ratio = paired(lambda o, t: o["p50_ms"] / (t["p50_ms"] + local["p50_ms"]), rounds_at(system, 1), rounds_at(trivial, 1))
+        share = paired(lambda o, t: o["throughput"] / t["throughput"], rounds_at(system, top), rounds_at(trivial, top))
+        summary[name] = {"p50_c1_ms": p50, f"throughput_c{top}": thr, "p50_ratio": ratio[1], "throughput_share": share[1]}
+        lines.append(f"| {name} | {statistics.median(p50):.3f} | {statistics.median(thr):,.0f} | {ratio[0]:.2f} | {share[0]:.2f} |")
     lines += ["", "Triton's stats over the interleaved rounds, ms per inference (per execution in brackets):",
               "| system | queue | compute_input | compute_infer | compute_output | inferences/execution |", "|---|---|---|---|---|---|"]
-    for name in up:
-        b, a = before[name], after[name]
-        n = max(a["inference_count"] - b["inference_count"], 1)
-        e = max(a["execution_count"] - b["execution_count"], 1)
-        cells = []
-        for stage in ("queue", "compute_input", "compute_infer", "compute_output"):
-            ms = a[f"{stage}_ms"] * a["inference_count"] - b[f"{stage}_ms"] * b["inference_count"]
-            cells.append(f"{ms / n:.3f} ({ms / e:.3f})")
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {n / e:.2f} |")
+    for name, _, model in servers:
+        st = measured[name]["stats"][model]
+        per_exec = st["inference_count"] / max(st["execution_count"], 1)
+        cells = [f"{st[f'{stage}_ms']:.3f} ({st[f'{stage}_ms'] * per_exec:.3f})" for stage in ("queue", "compute_input", "compute_infer", "compute_output")]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {per_exec:.2f} |")
     text = "\n".join(lines)
     history = args.out / "stub_profile.json"
     runs = json.loads(history.read_text()) if history.is_file() else {}
-    runs[args.label] = {"interleaved": summary, "in_process": local,
-                        "rounds": [{f"{n} c={c}": r for (n, c), r in one.items()} for one in rounds], "report": text}
+    runs[args.label] = {"interleaved": summary, "in_process": local, "systems": measured, "report": text}
     history.write_text(json.dumps(runs, indent=1, default=str))
     print(text)
     return 0
@@ -324,8 +297,9 @@ def report(results: dict) -> str:
             lines.append(f"| {name}/{model} | {s['queue_ms']:.3f} | {s['compute_input_ms']:.3f} | {s['compute_infer_ms']:.3f} | "
                          f"{s['compute_output_ms']:.3f} | {per_exec:.2f} |")
     lines += ["", "in-process stage ms: " + ", ".join(f"{k} {v:.3f}" for k, v in local["stage_ms"].items())]
-    lines += [""] + [f"ratios {label}: p50 c=1 {r['p50_c1_ms']:.2f} ms / (trivial + in-process) {r['floor_plus_in_process_ms']:.2f} ms = "
-                     f"{r['p50_ratio']:.2f} (target <= 1.25); throughput share at top concurrency {r['throughput_share']:.2f} (target >= 0.40)"
+    lines += [""] + [(f"ratios {label}: p50 c=1 {r['p50_c1_ms']:.2f} ms / (trivial + in-process) {r['floor_plus_in_process_ms']:.2f} ms = "
+                      f"{r['p50_ratio']:.2f} (target <= 1.25); " if "p50_ratio" in r else f"ratios {label}: ")
+                     + f"throughput share at top concurrency {r['throughput_share']:.2f} (target >= 0.40)"
                      for label, r in results["ratios"].items()]
     if "profiled" in results:
         sections = results["profiled"]["sections"]["sections"]

@@ -37,41 +37,110 @@ def model_stats(http_url: str) -> dict[str, dict]:
     return out
 
 
-def sweep_server(name: str, repository: Path, model: str, input_rows: list[dict], shapes: dict, concurrencies, tools: Path,
-                 workdir: Path, measurement_ms: int, batch_size: int = 1) -> dict:
-    """Starts tritonserver on a repository, runs perf_analyzer at each concurrency, reads stats and RSS."""
+def stats_between(before: dict[str, dict], after: dict[str, dict]) -> dict[str, dict]:
+    """`model_stats` over the requests served between two readings (ms per inference)."""
+    out = {}
+    for model, a in after.items():
+        b = before.get(model, {"inference_count": 0, "execution_count": 0})
+        n = a["inference_count"] - b["inference_count"]
+        out[model] = {"inference_count": n, "execution_count": a["execution_count"] - b["execution_count"]}
+        for stage in ("queue", "compute_input", "compute_infer", "compute_output"):
+            key = f"{stage}_ms"
+            total = a[key] * a["inference_count"] - b.get(key, 0.0) * b["inference_count"]
+            out[model][key] = total / n if n else 0.0
+    return out
+
+
+def measure(name: str, binary: Path, env: dict, model: str, url: str, concurrency: int, inputs: Path, measurement_ms: int,
+            batch_size: int = 1) -> dict | None:
+    """One perf_analyzer measurement as a row, or None when no window was stable enough to report."""
+    unstable = False
+    try:
+        result = run_perf(binary, env, model, url, concurrency, inputs, measurement_ms=measurement_ms, batch_size=batch_size)
+    except _Unstable:
+        # The shared machine can swing more than 2x between windows (load 10 on 2 cores seen):
+        # one more try over 10 windows that accepts that spread, flagged in the report.
+        unstable = True
+        try:
+            result = run_perf(binary, env, model, url, concurrency, inputs, measurement_ms=2 * measurement_ms,
+                              batch_size=batch_size, max_trials=10, stability=UNSTABLE_BAND_PERCENT)
+        except _Unstable:
+            LOG.warning("%-13s c=%-2d no window within %d%% of the others; left out", name, concurrency, UNSTABLE_BAND_PERCENT)
+            return None
+    LOG.info("%-13s c=%-2d %8.1f infer/s  p50 %.2f ms  p99 %.2f ms%s", name, concurrency, result.throughput, result.p50_ms,
+             result.p99_ms, " (unstable: windows differed by over 2x)" if unstable else "")
+    return {**result.as_dict(), "unstable": unstable}
+
+
+def median_row(rows: list[dict]) -> dict:
+    """The per-field median of one concurrency's rows over the rounds (unstable if any round was)."""
+    out = {k: float(np.median([r[k] for r in rows])) for k, v in rows[0].items() if isinstance(v, float)}
+    return {**rows[0], **out, "unstable": any(r.get("unstable") for r in rows)}
+
+
+def sweep_servers(servers: dict[str, tuple[Path, str]], input_rows: list[dict], shapes: dict, concurrencies, tools: Path,
+                  workdir: Path, measurement_ms: int, rounds: int = 1, batch_size: int = 1) -> dict[str, dict]:
+    """Serves every repository at once and measures them in rounds, each concurrency on each server back to back.
+
+    The machine's speed drifts by up to 1.7x within minutes, so a ratio of two systems' figures is
+    only fair when both were measured together: each round holds one measurement of every system
+    at every concurrency, taken seconds apart, and ratio targets are computed round by round.
+
+    Args:
+        servers: name -> (model repository, model to measure).
+        rounds: how many times the whole grid is measured.
+
+    Returns:
+        name -> {"sweep": the median row per concurrency, "rounds": each round's rows, "memory_mb":
+        RSS after the rounds, "memory_idle_mb": RSS before them, "ready_s": seconds to ready,
+        "stats": Triton's per-model stats over the rounds}.
+    """
+    import contextlib
+
     from ensemble.server import TritonServer, free_port
 
     binary, env = ensure_perf_analyzer(tools)
     workdir.mkdir(parents=True, exist_ok=True)
-    inputs = write_input_data(workdir / f"{name}_input.json", input_rows, shapes)
-    ports = sorted({free_port() for _ in range(6)})[:3]
-    cfg = ServeConfig(http_port=ports[0], grpc_port=ports[1], metrics_port=ports[2], ready_timeout_s=600)
-    started = time.perf_counter()
-    with TritonServer(repository, cfg, log_path=workdir / f"{name}_server.log", model=model) as server:
-        ready_s = time.perf_counter() - started
-        memory_idle = memory_mb(server.process.pid)
-        sweep = []
-        for c in concurrencies:
-            unstable = False
-            try:
-                result = run_perf(binary, env, model, server.grpc_url, c, inputs, measurement_ms=measurement_ms, batch_size=batch_size)
-            except _Unstable:
-                # The shared machine can swing more than 2x between windows (load 10 on 2 cores seen):
-                # one more try over 10 windows that accepts that spread, flagged in the report.
-                unstable = True
-                try:
-                    result = run_perf(binary, env, model, server.grpc_url, c, inputs, measurement_ms=2 * measurement_ms,
-                                      batch_size=batch_size, max_trials=10, stability=UNSTABLE_BAND_PERCENT)
-                except _Unstable:
-                    LOG.warning("%-10s c=%-2d no window within %d%% of the others; left out", name, c, UNSTABLE_BAND_PERCENT)
-                    continue
-            LOG.info("%-10s c=%-2d %8.1f infer/s  p50 %.2f ms  p99 %.2f ms%s", name, c, result.throughput, result.p50_ms, result.p99_ms,
-                     " (unstable: windows differed by over 2x)" if unstable else "")
-            sweep.append({**result.as_dict(), "unstable": unstable})
-        memory = memory_mb(server.process.pid)
-        stats = model_stats(server.http_url)
-    return {"sweep": sweep, "memory_mb": memory, "memory_idle_mb": memory_idle, "ready_s": ready_s, "stats": stats}
+    inputs = write_input_data(workdir / f"{'_'.join(servers)}_input.json", input_rows, shapes)
+    out: dict[str, dict] = {}
+    with contextlib.ExitStack() as stack:
+        up = {}
+        for name, (repository, model) in servers.items():
+            ports = sorted({free_port() for _ in range(6)})[:3]
+            cfg = ServeConfig(http_port=ports[0], grpc_port=ports[1], metrics_port=ports[2], ready_timeout_s=600)
+            started = time.perf_counter()
+            server = stack.enter_context(TritonServer(repository, cfg, log_path=workdir / f"{name}_server.log", model=model))
+            up[name] = (server, model)
+            out[name] = {"ready_s": time.perf_counter() - started, "rounds": []}
+        for name, (server, _) in up.items():
+            out[name]["memory_idle_mb"] = memory_mb(server.process.pid)
+            out[name]["before"] = model_stats(server.http_url)
+        for i in range(rounds):
+            if rounds > 1:
+                LOG.info("round %d of %d: %s at concurrency %s", i + 1, rounds, ", ".join(up), ",".join(map(str, concurrencies)))
+            grid = {name: [] for name in up}
+            for c in concurrencies:
+                for name, (server, model) in up.items():
+                    row = measure(name, binary, env, model, server.grpc_url, c, inputs, measurement_ms, batch_size)
+                    if row is not None:
+                        grid[name].append(row)
+            for name in up:
+                out[name]["rounds"].append(grid[name])
+        for name, (server, _) in up.items():
+            out[name]["memory_mb"] = memory_mb(server.process.pid)
+            out[name]["stats"] = stats_between(out[name].pop("before"), model_stats(server.http_url))
+    for system in out.values():
+        rows = [r for one in system["rounds"] for r in one]
+        system["sweep"] = [median_row([r for r in rows if r["concurrency"] == c]) for c in concurrencies
+                           if any(r["concurrency"] == c for r in rows)]
+    return out
+
+
+def sweep_server(name: str, repository: Path, model: str, input_rows: list[dict], shapes: dict, concurrencies, tools: Path,
+                 workdir: Path, measurement_ms: int, batch_size: int = 1) -> dict:
+    """Starts tritonserver on a repository, runs perf_analyzer at each concurrency, reads stats and RSS."""
+    return sweep_servers({name: (repository, model)}, input_rows, shapes, concurrencies, tools, workdir, measurement_ms,
+                         batch_size=batch_size)[name]
 
 
 def our_inputs(artifacts: Path, n: int, seed: int) -> tuple[list[dict], dict]:

@@ -28,6 +28,28 @@ def test_perf_analyzer_measures_our_model(server, trained, perf_tools, tmp_path)
     assert model_stats(server.http_url)[contract.MODEL_NAME]["inference_count"] > before + 10
 
 
+def test_servers_measured_together_in_rounds(trained, perf_tools, tmp_path):
+    """`make bench` serves ours and Triton's floor at once and measures both in every round."""
+    from bench import trivial
+    from bench.systems import our_inputs, sweep_servers
+    from ensemble.build import build_repository
+
+    repos = {"ours": (build_repository(trained["artifacts"], tmp_path / "ours"), contract.MODEL_NAME),
+             "trivial": (trivial.build_trivial_repository(tmp_path / "trivial"), trivial.MODEL)}
+    rows, shapes = our_inputs(trained["artifacts"], 50, seed=0)
+    tools = perf_tools[0].parent.parent  # <tools>/bin/perf_analyzer, unpacked by the fixture
+    out = sweep_servers(repos, rows, shapes, [1, 2], tools, tmp_path / "perf", measurement_ms=500, rounds=2)
+    for name, model in (("ours", contract.MODEL_NAME), ("trivial", trivial.MODEL)):
+        system = out[name]
+        assert [[r["concurrency"] for r in one] for one in system["rounds"]] == [[1, 2], [1, 2]]
+        for c in (1, 2):
+            throughputs = sorted(one[i]["throughput"] for one in system["rounds"] for i in range(2) if one[i]["concurrency"] == c)
+            assert next(r for r in system["sweep"] if r["concurrency"] == c)["throughput"] == pytest.approx(np.median(throughputs))
+        # Triton's own count over the rounds: what perf_analyzer sent, no warm-up before them
+        assert system["stats"][model]["inference_count"] >= 4 * 10
+        assert system["memory_mb"]["total"] > 0
+
+
 def test_the_reference_ensemble_serves_on_this_server(trained, tmp_path):
     import tritonclient.grpc as grpcclient
 

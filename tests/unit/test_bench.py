@@ -184,3 +184,30 @@ def test_bench_refuses_an_export_with_a_history_input(hist_trained, tmp_path):
         main(["--artifacts", str(hist_trained["artifacts"]), "--work", str(hist_trained["work"]), "--out", str(tmp_path / "bench"),
               "--items", "1000"])
     assert not (tmp_path / "bench" / "artifacts_scaled").exists()
+
+
+def test_paired_targets_take_each_ratio_within_its_round_and_report_the_median():
+    """Systems served together are measured in rounds; a ratio of medians would pair a fast round's
+    figure with a slow round's (here 2.2 / 2.0 = 1.1, a pass that no round showed)."""
+    report = _report()
+    systems = report["systems"]
+    systems["ours"]["rounds"] = [_sweep([(1, 1000 / 2.0)]), _sweep([(1, 1000 / 3.2)]), _sweep([(1, 1000 / 2.2)])]
+    systems["ours_baseline"]["rounds"] = [_sweep([(1, 1000 / 1.0), (8, 3000.0)]), _sweep([(1, 1000 / 2.0), (8, 1000.0)]),
+                                          _sweep([(1, 1000 / 2.0)])]  # c=8 left out (unstable) in round 3
+    systems["trivial"]["rounds"] = [_sweep([(1, 1000.0), (8, 5000.0)]), _sweep([(1, 500.0), (8, 5000.0)]), _sweep([(1, 1000.0), (8, 4000.0)])]
+    t = summarize(report)["targets"]
+    assert t[SCALING]["rounds"] == pytest.approx([2.0, 1.6, 1.1]) and t[SCALING]["value"] == pytest.approx(1.6)
+    assert not t[SCALING]["met"]
+    assert t[SHARE]["rounds"] == pytest.approx([0.6, 0.2]) and t[SHARE]["value"] == pytest.approx(0.4)  # round 3 has no c=8 pair
+    assert t[FLOOR]["rounds"] == pytest.approx([1.0 / 1.6, 2.0 / 2.6, 2.0 / 1.6])
+    report["summary"] = summarize(report)
+    report["settings"]["rounds"] = 3
+    assert f"| {SCALING} | 1.600 (2.000 / 1.600 / 1.100) | <= 1.5 | FAIL |" in markdown(report)
+
+
+def test_median_row_is_the_median_of_each_figure():
+    from bench.systems import median_row
+
+    rows = [{"concurrency": 8, "throughput": t, "p50_ms": p, "unstable": u} for t, p, u in ((100.0, 3.0, False), (300.0, 1.0, True),
+                                                                                            (200.0, 9.0, False))]
+    assert median_row(rows) == {"concurrency": 8, "throughput": 200.0, "p50_ms": 3.0, "unstable": True}
