@@ -104,16 +104,20 @@ def main(argv=None) -> int:
 
     # The machine's speed drifts by up to 1.7x within minutes: ours, ours at the baseline catalogue
     # and Triton's floor are served together and measured in rounds, each round every system at
-    # every concurrency back to back, and the ratio targets are taken round by round. The in-process
-    # figures of the c=1 target follow at once; the stock references, which take longest, come last.
+    # every concurrency back to back, with the in-process path of the c=1 target timed in the same
+    # round, and the ratio targets are taken round by round. The stock references come last.
     paired = {"ours": (repos["ours"], "retrieval"), "trivial": (repos["trivial"], trivial.MODEL)}
     if baseline != scaled:
         paired["ours_baseline"] = (repos["ours_baseline"], "retrieval")
+    local_name = "in_process_baseline" if baseline != scaled else "in_process"
+    local = systems.InProcess(repos["ours_baseline" if baseline != scaled else "ours"], args.artifacts, 3000, args.seed)
     results = systems.sweep_servers(paired, ours_rows, ours_shapes, concurrencies, args.tools, perf, args.measurement_ms,
-                                    rounds=args.rounds)
+                                    rounds=args.rounds, local={local_name: local.back_to_back})
+    each_round = results.pop(local_name)["rounds"]
+    results[local_name] = {**local.measure(), "rounds": each_round}
+    del local
     if baseline != scaled:
-        results["in_process_baseline"] = systems.in_process(repos["ours_baseline"], args.artifacts, 3000, args.seed)
-    results["in_process"] = systems.in_process(repos["ours"], args.artifacts, 3000, args.seed)
+        results["in_process"] = systems.in_process(repos["ours"], args.artifacts, 3000, args.seed)
     for name in ("reference", "reference_our_index", "reference_our_index_batched"):
         results[name] = systems.sweep_server(name, repos[name], reference.MODEL, ref_rows, ref_shapes, concurrencies, args.tools, perf,
                                              args.measurement_ms)

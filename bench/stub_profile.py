@@ -242,11 +242,14 @@ def interleaved(args, servers, rows, shapes, concurrencies, perf: Path, repos: d
     from bench import systems
     from bench.report import paired, rounds_at
 
-    local = systems.in_process(repos["ours"], args.artifacts, 3000, args.seed)
+    path = systems.InProcess(repos["ours"], args.artifacts, 3000, args.seed)
     measured = systems.sweep_servers({name: (repo, model) for name, repo, model in servers}, rows, shapes, concurrencies, args.tools,
-                                     perf, args.measurement_ms, rounds=args.rounds)
+                                     perf, args.measurement_ms, rounds=args.rounds, local={"in_process": path.back_to_back})
+    local_rounds = measured.pop("in_process")["rounds"]
+    local = {**path.measure(), "rounds": local_rounds}
     top = max(concurrencies)
-    lines = [f"interleaved, {args.rounds} rounds, {args.measurement_ms} ms windows; in-process p50 {local['p50_ms']:.3f} ms",
+    lines = [f"interleaved, {args.rounds} rounds, {args.measurement_ms} ms windows; in-process p50 per round "
+             + " / ".join(f"{r['p50_ms']:.3f}" for r in local_rounds) + " ms",
              "| system | c=1 p50 ms (median) | c=%d infer/s (median) | p50 ratio (median of rounds) | c=%d share (median of rounds) |" % (top, top),
              "|---|---|---|---|---|"]
     summary = {}
@@ -255,7 +258,8 @@ def interleaved(args, servers, rows, shapes, concurrencies, perf: Path, repos: d
         system = measured[name]
         p50 = [r["p50_ms"] for r in rounds_at(system, 1) if r]
         thr = [r["throughput"] for r in rounds_at(system, top) if r]
-        ratio = paired(lambda o, t: o["p50_ms"] / (t["p50_ms"] + local["p50_ms"]), rounds_at(system, 1), rounds_at(trivial, 1))
+        ratio = paired(lambda o, t, here: o["p50_ms"] / (t["p50_ms"] + here["p50_ms"]), rounds_at(system, 1), rounds_at(trivial, 1),
+                       local_rounds)
         share = paired(lambda o, t: o["throughput"] / t["throughput"], rounds_at(system, top), rounds_at(trivial, top))
         summary[name] = {"p50_c1_ms": p50, f"throughput_c{top}": thr, "p50_ratio": ratio[1], "throughput_share": share[1]}
         lines.append(f"| {name} | {statistics.median(p50):.3f} | {statistics.median(thr):,.0f} | {ratio[0]:.2f} | {share[0]:.2f} |")

@@ -7,6 +7,7 @@ import logging
 import time
 import urllib.request
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -79,7 +80,8 @@ def median_row(rows: list[dict]) -> dict:
 
 
 def sweep_servers(servers: dict[str, tuple[Path, str]], input_rows: list[dict], shapes: dict, concurrencies, tools: Path,
-                  workdir: Path, measurement_ms: int, rounds: int = 1, batch_size: int = 1) -> dict[str, dict]:
+                  workdir: Path, measurement_ms: int, rounds: int = 1, batch_size: int = 1,
+                  local: dict[str, Callable[[], dict]] | None = None) -> dict[str, dict]:
     """Serves every repository at once and measures them in rounds, each concurrency on each server back to back.
 
     The machine's speed drifts by up to 1.7x within minutes, so a ratio of two systems' figures is
@@ -89,6 +91,8 @@ def sweep_servers(servers: dict[str, tuple[Path, str]], input_rows: list[dict], 
     Args:
         servers: name -> (model repository, model to measure).
         rounds: how many times the whole grid is measured.
+        local: name -> a measurement without a server (`InProcess.back_to_back`), taken in each round
+            right after every server's first concurrency; its results are out[name]["rounds"].
 
     Returns:
         name -> {"sweep": the median row per concurrency, "rounds": each round's rows, "memory_mb":
@@ -124,12 +128,17 @@ def sweep_servers(servers: dict[str, tuple[Path, str]], input_rows: list[dict], 
                     row = measure(name, binary, env, model, server.grpc_url, c, inputs, measurement_ms, batch_size)
                     if row is not None:
                         grid[name].append(row)
+                if c == concurrencies[0]:
+                    for name, run in (local or {}).items():
+                        out.setdefault(name, {"rounds": []})["rounds"].append(run())
+                        LOG.info("%-13s in-process p50 %.3f ms", name, out[name]["rounds"][-1]["p50_ms"])
             for name in up:
                 out[name]["rounds"].append(grid[name])
         for name, (server, _) in up.items():
             out[name]["memory_mb"] = memory_mb(server.process.pid)
             out[name]["stats"] = stats_between(out[name].pop("before"), model_stats(server.http_url))
-    for system in out.values():
+    for name in servers:
+        system = out[name]
         rows = [r for one in system["rounds"] for r in one]
         system["sweep"] = [median_row([r for r in rows if r["concurrency"] == c]) for c in concurrencies
                            if any(r["concurrency"] == c for r in rows)]
@@ -156,40 +165,48 @@ def reference_inputs(artifacts: Path, n: int, seed: int) -> tuple[list[dict], di
     return rows, {c: [1] for c in users.columns}
 
 
-def in_process(repository: Path, artifacts: Path, n_requests: int, seed: int, idle_ms: float = 1.0) -> dict:
-    """Our request path with no server: one user per request, sequential.
+class InProcess:
+    """Our request path with no server, loaded once: one user per request, sequential."""
 
-    Timed twice: back to back (the figure the targets use), and again with `idle_ms` of sleep before
-    each request, the cadence a server sees at concurrency 1. After a sleep the same request runs
-    about half as slow again on this machine (every stage alike: the CPU wakes cold), which is part
-    of what separates the server's compute time from the back-to-back figure.
-    """
-    from ensemble.loader import load_model_in_process
+    def __init__(self, repository: Path, artifacts: Path, n_requests: int, seed: int):
+        from ensemble.loader import load_model_in_process
 
-    executor = load_model_in_process(repository)
-    users = pd.read_parquet(artifacts / contract.ARTIFACT_USER_FEATURES).iloc[:, 0].sample(n_requests, replace=True, random_state=seed)
-    requests = [[({contract.INPUT_USER_ID: np.array([[u]], np.int64)}, {})] for u in users]
-    for r in requests[:100]:
-        executor.execute(r)
+        self.executor = load_model_in_process(repository)
+        users = pd.read_parquet(artifacts / contract.ARTIFACT_USER_FEATURES).iloc[:, 0].sample(n_requests, replace=True, random_state=seed)
+        self.requests = [[({contract.INPUT_USER_ID: np.array([[u]], np.int64)}, {})] for u in users]
+        for r in self.requests[:100]:
+            self.executor.execute(r)
 
-    def timed(idle_s: float) -> tuple[np.ndarray, float, dict]:
+    def timed(self, idle_s: float = 0.0) -> tuple[np.ndarray, float, dict]:
         """(ms per request, seconds in all, ms per request by stage), `idle_s` of sleep before each."""
-        executor.runner.timings_s.clear()
+        self.executor.runner.timings_s.clear()
         times = []
         started = time.perf_counter()
-        for r in requests:
+        for r in self.requests:
             if idle_s:
                 time.sleep(idle_s)
             t = time.perf_counter()
-            executor.execute(r)
+            self.executor.execute(r)
             times.append(time.perf_counter() - t)
-        stages = {k: v / n_requests * 1000 for k, v in executor.runner.timings_s.items()}
+        stages = {k: v / len(self.requests) * 1000 for k, v in self.executor.runner.timings_s.items()}
         return np.array(times) * 1000, time.perf_counter() - started, stages
 
-    idle, _, idle_stage_ms = timed(idle_ms / 1000)
-    ms, total, stage_ms = timed(0.0)
-    return {
-        "throughput": n_requests / total, "p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)),
-        "p99_ms": float(np.percentile(ms, 99)), "idle_ms": idle_ms, "p50_after_idle_ms": float(np.percentile(idle, 50)),
-        "stage_after_idle_ms": idle_stage_ms, "stage_ms": stage_ms,
-    }
+    def back_to_back(self) -> dict:
+        """The figure the targets use: throughput, p50/p95/p99 and stages, requests back to back."""
+        ms, total, stage_ms = self.timed()
+        return {"throughput": len(self.requests) / total, "p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)),
+                "p99_ms": float(np.percentile(ms, 99)), "stage_ms": stage_ms}
+
+    def measure(self, idle_ms: float = 1.0) -> dict:
+        """Timed twice: back to back, and again with `idle_ms` of sleep before each request, the
+        cadence a server sees at concurrency 1. After a sleep the same request runs about half as
+        slow again on this machine (every stage alike: the CPU wakes cold), which is part of what
+        separates the server's compute time from the back-to-back figure."""
+        idle, _, idle_stage_ms = self.timed(idle_ms / 1000)
+        return {**self.back_to_back(), "idle_ms": idle_ms, "p50_after_idle_ms": float(np.percentile(idle, 50)),
+                "stage_after_idle_ms": idle_stage_ms}
+
+
+def in_process(repository: Path, artifacts: Path, n_requests: int, seed: int, idle_ms: float = 1.0) -> dict:
+    """`InProcess(...).measure(idle_ms)`: our request path with no server, back to back and after idle."""
+    return InProcess(repository, artifacts, n_requests, seed).measure(idle_ms)

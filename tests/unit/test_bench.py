@@ -199,10 +199,16 @@ def test_paired_targets_take_each_ratio_within_its_round_and_report_the_median()
     assert t[SCALING]["rounds"] == pytest.approx([2.0, 1.6, 1.1]) and t[SCALING]["value"] == pytest.approx(1.6)
     assert not t[SCALING]["met"]
     assert t[SHARE]["rounds"] == pytest.approx([0.6, 0.2]) and t[SHARE]["value"] == pytest.approx(0.4)  # round 3 has no c=8 pair
-    assert t[FLOOR]["rounds"] == pytest.approx([1.0 / 1.6, 2.0 / 2.6, 2.0 / 1.6])
+    assert t[FLOOR]["rounds"] == pytest.approx([1.0 / 1.6, 2.0 / 2.6, 2.0 / 1.6])  # one in-process figure for every round
+    # the in-process path timed in each round (bench.systems.sweep_servers(local=...)) pairs with that round
+    systems["in_process_baseline"]["rounds"] = [{"p50_ms": 0.6}, {"p50_ms": 1.0}, {"p50_ms": 0.4}]
+    t = summarize(report)["targets"]
+    assert t[FLOOR]["rounds"] == pytest.approx([1.0 / 1.6, 2.0 / 3.0, 2.0 / 1.4])
     report["summary"] = summarize(report)
     report["settings"]["rounds"] = 3
-    assert f"| {SCALING} | 1.600 (2.000 / 1.600 / 1.100) | <= 1.5 | FAIL |" in markdown(report)
+    md = markdown(report)
+    assert f"| {SCALING} | 1.600 (2.000 / 1.600 / 1.100) | <= 1.5 | FAIL |" in md
+    assert "(the c=1 target's figure): 0.600 / 1.000 / 0.400 ms." in md
 
 
 def test_median_row_is_the_median_of_each_figure():
