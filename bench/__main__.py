@@ -109,13 +109,11 @@ def main(argv=None) -> int:
     paired = {"ours": (repos["ours"], "retrieval"), "trivial": (repos["trivial"], trivial.MODEL)}
     if baseline != scaled:
         paired["ours_baseline"] = (repos["ours_baseline"], "retrieval")
-    local_name = "in_process_baseline" if baseline != scaled else "in_process"
-    local = systems.InProcess(repos["ours_baseline" if baseline != scaled else "ours"], args.artifacts, 3000, args.seed)
+    local = {"in_process_baseline" if baseline != scaled else "in_process":
+             systems.InProcess(repos["ours_baseline" if baseline != scaled else "ours"], args.artifacts, 3000, args.seed)}
     results = systems.sweep_servers(paired, ours_rows, ours_shapes, concurrencies, args.tools, perf, args.measurement_ms,
-                                    rounds=args.rounds, local={local_name: local.back_to_back})
-    each_round = results.pop(local_name)["rounds"]
-    results[local_name] = {**local.measure(), "rounds": each_round}
-    del local
+                                    rounds=args.rounds, local=local)
+    del local  # the 1M executor, before the 10M one loads
     if baseline != scaled:
         results["in_process"] = systems.in_process(repos["ours"], args.artifacts, 3000, args.seed)
     for name in ("reference", "reference_our_index", "reference_our_index_batched"):

@@ -242,11 +242,11 @@ def interleaved(args, servers, rows, shapes, concurrencies, perf: Path, repos: d
     from bench import systems
     from bench.report import paired, rounds_at
 
-    path = systems.InProcess(repos["ours"], args.artifacts, 3000, args.seed)
     measured = systems.sweep_servers({name: (repo, model) for name, repo, model in servers}, rows, shapes, concurrencies, args.tools,
-                                     perf, args.measurement_ms, rounds=args.rounds, local={"in_process": path.back_to_back})
-    local_rounds = measured.pop("in_process")["rounds"]
-    local = {**path.measure(), "rounds": local_rounds}
+                                     perf, args.measurement_ms, rounds=args.rounds,
+                                     local={"in_process": systems.InProcess(repos["ours"], args.artifacts, 3000, args.seed)})
+    local = measured.pop("in_process")
+    local_rounds = local["rounds"]
     top = max(concurrencies)
     lines = [f"interleaved, {args.rounds} rounds, {args.measurement_ms} ms windows; in-process p50 per round "
              + " / ".join(f"{r['p50_ms']:.3f}" for r in local_rounds) + " ms",

@@ -7,7 +7,6 @@ import logging
 import time
 import urllib.request
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -81,7 +80,7 @@ def median_row(rows: list[dict]) -> dict:
 
 def sweep_servers(servers: dict[str, tuple[Path, str]], input_rows: list[dict], shapes: dict, concurrencies, tools: Path,
                   workdir: Path, measurement_ms: int, rounds: int = 1, batch_size: int = 1,
-                  local: dict[str, Callable[[], dict]] | None = None) -> dict[str, dict]:
+                  local: dict[str, InProcess] | None = None) -> dict[str, dict]:
     """Serves every repository at once and measures them in rounds, each concurrency on each server back to back.
 
     The machine's speed drifts by up to 1.7x within minutes, so a ratio of two systems' figures is
@@ -91,13 +90,14 @@ def sweep_servers(servers: dict[str, tuple[Path, str]], input_rows: list[dict], 
     Args:
         servers: name -> (model repository, model to measure).
         rounds: how many times the whole grid is measured.
-        local: name -> a measurement without a server (`InProcess.back_to_back`), taken in each round
-            right after every server's first concurrency; its results are out[name]["rounds"].
+        local: name -> our request path without a server, timed back to back in each round right after
+            every server's first concurrency, and once more (with its after-idle figure) after the rounds.
 
     Returns:
         name -> {"sweep": the median row per concurrency, "rounds": each round's rows, "memory_mb":
         RSS after the rounds, "memory_idle_mb": RSS before them, "ready_s": seconds to ready,
-        "stats": Triton's per-model stats over the rounds}.
+        "stats": Triton's per-model stats over the rounds}; for a `local` name, `InProcess.measure()`
+        with "rounds": each round's `InProcess.back_to_back()`.
     """
     import contextlib
 
@@ -129,14 +129,16 @@ def sweep_servers(servers: dict[str, tuple[Path, str]], input_rows: list[dict], 
                     if row is not None:
                         grid[name].append(row)
                 if c == concurrencies[0]:
-                    for name, run in (local or {}).items():
-                        out.setdefault(name, {"rounds": []})["rounds"].append(run())
+                    for name, path in (local or {}).items():
+                        out.setdefault(name, {"rounds": []})["rounds"].append(path.back_to_back())
                         LOG.info("%-13s in-process p50 %.3f ms", name, out[name]["rounds"][-1]["p50_ms"])
             for name in up:
                 out[name]["rounds"].append(grid[name])
         for name, (server, _) in up.items():
             out[name]["memory_mb"] = memory_mb(server.process.pid)
             out[name]["stats"] = stats_between(out[name].pop("before"), model_stats(server.http_url))
+    for name, path in (local or {}).items():
+        out[name] = {**path.measure(), "rounds": out.get(name, {"rounds": []})["rounds"]}
     for name in servers:
         system = out[name]
         rows = [r for one in system["rounds"] for r in one]

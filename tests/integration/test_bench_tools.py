@@ -38,14 +38,18 @@ def test_servers_measured_together_in_rounds(trained, perf_tools, tmp_path):
              "trivial": (trivial.build_trivial_repository(tmp_path / "trivial"), trivial.MODEL)}
     rows, shapes = our_inputs(trained["artifacts"], 50, seed=0)
     tools = perf_tools[0].parent.parent  # <tools>/bin/perf_analyzer, unpacked by the fixture
-    calls = []
+    class Local:  # stands in for InProcess: timed once a round after the servers' first concurrency, then measured
+        calls = 0
 
-    def local() -> dict:  # a measurement without a server, taken once a round after the servers' first concurrency
-        calls.append(len(calls))
-        return {"p50_ms": float(len(calls))}
+        def back_to_back(self) -> dict:
+            self.calls += 1
+            return {"p50_ms": float(self.calls)}
 
-    out = sweep_servers(repos, rows, shapes, [1, 2], tools, tmp_path / "perf", measurement_ms=500, rounds=2, local={"local": local})
-    assert out["local"]["rounds"] == [{"p50_ms": 1.0}, {"p50_ms": 2.0}]
+        def measure(self) -> dict:
+            return {"p50_ms": 9.0, "idle_ms": 1.0}
+
+    out = sweep_servers(repos, rows, shapes, [1, 2], tools, tmp_path / "perf", measurement_ms=500, rounds=2, local={"local": Local()})
+    assert out["local"] == {"p50_ms": 9.0, "idle_ms": 1.0, "rounds": [{"p50_ms": 1.0}, {"p50_ms": 2.0}]}
     for name, model in (("ours", contract.MODEL_NAME), ("trivial", trivial.MODEL)):
         system = out[name]
         assert [[r["concurrency"] for r in one] for one in system["rounds"]] == [[1, 2], [1, 2]]
