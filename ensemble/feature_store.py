@@ -1,7 +1,8 @@
 """Online user-feature stores: raw user id -> the user's stored raw feature values.
 
 `ParquetFeatureStore` is the embedded default: the exported `user_features.parquet` held in
-memory as sorted ids plus one int64 column per feature, looked up with one vectorized search.
+memory as sorted ids plus an int64 row of features per user, looked up with one vectorized search
+and one gather.
 A model with a history input (train.history_length N > 0) also gets each user's stored history:
 the table's list column `history_item_ids` (raw item ids, oldest first), held as one flat array
 of ids with a start and a length per user, cut into [batch, N] rows per lookup.
@@ -76,10 +77,11 @@ class ParquetFeatureStore:
         if len(ids) and np.any(ids[1:] == ids[:-1]):
             raise ArtifactError(f"{self.path} has repeated {id_column} values; one row per user is expected")
         self._ids = ids
-        # One extra row at the end answers every miss with MISSING, so lookups need no branch.
-        self._columns = {
-            name: np.append(table[name].to_numpy(dtype=np.int64), np.int64(MISSING)) for name in self.feature_names
-        }
+        # One row per user, the features side by side, so a lookup is one gather of whole rows; one
+        # extra row at the end answers every miss with MISSING, so lookups need no branch.
+        self._rows = np.full((len(ids) + 1, len(self.feature_names)), MISSING, dtype=np.int64)
+        for j, name in enumerate(self.feature_names):
+            self._rows[:-1, j] = table[name].to_numpy(dtype=np.int64)
         if self.history_length:
             self._history = _read_history(arrow.column(contract.INPUT_HISTORY), table.index.to_numpy(), self.path)
 
@@ -92,7 +94,8 @@ class ParquetFeatureStore:
         pos_c = np.minimum(pos, max(len(self._ids) - 1, 0))
         found = (pos < len(self._ids)) & (self._ids[pos_c] == ids) if len(self._ids) else np.zeros(len(ids), bool)
         rows = np.where(found, pos_c, len(self._ids))
-        out = {name: col[rows] for name, col in self._columns.items()}
+        values = self._rows[rows]
+        out = {name: values[:, j] for j, name in enumerate(self.feature_names)}
         if self.history_length:
             values, starts, lengths = self._history
             out[contract.INPUT_HISTORY] = rows_from_ragged(values, starts[rows], lengths[rows], self.history_length)

@@ -185,10 +185,12 @@ def _check_id_rows(values: np.ndarray, name: str, batch: int, maximum: int, dtyp
         raise RequestError(f"input {name!r} has {values.shape[1]} ids per user, over the maximum of {maximum}")
 
 
-def _padded(rows: list[np.ndarray | None], batches: list[int], pad: int) -> np.ndarray:
+def _padded(rows: list[np.ndarray | None], batches: list[int], total: int, pad: int) -> np.ndarray:
     """Per-request [b, n] matrices (None: [b, 0]) stacked into one, padded to the widest."""
     width = max((r.shape[1] for r in rows if r is not None), default=0)
-    out = np.full((sum(batches), width), pad, dtype=np.int64)
+    if not width:  # nobody sent any: the usual request
+        return np.zeros((total, 0), dtype=np.int64)
+    out = np.full((total, width), pad, dtype=np.int64)
     row = 0
     for r, b in zip(rows, batches):
         if r is not None:
@@ -201,21 +203,20 @@ def merge(requests: list[ParsedRequest], feature_names: tuple[str, ...] = (), hi
     """Concatenates requests into one batch of graph inputs (exclusions and, for a model with a
     history input, histories padded to one width)."""
     batches = [r.batch for r in requests]
-    exclude = _padded([r.exclude for r in requests], batches, contract.EXCLUDE_PAD)
-    total = len(exclude)
+    total = sum(batches)
+    exclude = _padded([r.exclude for r in requests], batches, total, contract.EXCLUDE_PAD)
     # The usual case is that nobody sent a feature: every such feature gets the same read-only
     # array of "not given" (11 features, one allocation; a write into it would raise).
     not_given = np.full(total, contract.FEATURE_NOT_GIVEN, np.int64)
     not_given.flags.writeable = False
-    features = {}
-    for name in feature_names:
-        if any(name in r.features for r in requests):
-            features[name] = np.concatenate(
-                [r.features.get(name, np.full(r.batch, contract.FEATURE_NOT_GIVEN, np.int64)) for r in requests])
-        else:
-            features[name] = not_given
+    sent = set().union(*[r.features for r in requests])
+    features = {
+        name: np.concatenate([r.features.get(name, np.full(r.batch, contract.FEATURE_NOT_GIVEN, np.int64)) for r in requests])
+        if name in sent else not_given
+        for name in feature_names
+    }
     if history:
-        features[contract.INPUT_HISTORY] = _padded([r.history for r in requests], batches, contract.HISTORY_PAD)
+        features[contract.INPUT_HISTORY] = _padded([r.history for r in requests], batches, total, contract.HISTORY_PAD)
     if len(requests) == 1:
         only = requests[0]
         return {
@@ -228,9 +229,9 @@ def merge(requests: list[ParsedRequest], feature_names: tuple[str, ...] = (), hi
     return {
         **features,
         contract.INPUT_USER_ID: np.concatenate([r.user_ids for r in requests]),
-        TOP_K: np.concatenate([np.full(r.batch, r.top_k, dtype=np.int32) for r in requests]),
+        TOP_K: np.repeat(np.array([r.top_k for r in requests], dtype=np.int32), batches),
         contract.INPUT_EXCLUDE: exclude,
-        EXCLUDE_SEEN: np.concatenate([np.full(r.batch, r.exclude_seen, dtype=bool) for r in requests]),
+        EXCLUDE_SEEN: np.repeat(np.array([r.exclude_seen for r in requests], dtype=bool), batches),
     }
 
 

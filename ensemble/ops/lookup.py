@@ -85,10 +85,14 @@ class LookupUserFeatures(ArrayOperator, BaseOperator):
             self.load_artifacts()
         ids = np.asarray(columns[contract.INPUT_USER_ID], dtype=np.int64).reshape(-1)
         features, found = self._store.get(ids)
-        for name in self.feature_names:
-            if name in columns:
-                given = np.asarray(columns[name], dtype=np.int64).reshape(-1)
-                features[name] = np.where(given != contract.FEATURE_NOT_GIVEN, given, features[name])
+        # Request values replace stored ones where given; usually none is, which one check settles.
+        names = [name for name in self.feature_names if name in columns]
+        if names:
+            given = np.array([np.asarray(columns[name]).reshape(-1) for name in names], dtype=np.int64)
+            sent = given != contract.FEATURE_NOT_GIVEN
+            if sent.any():
+                for j in np.flatnonzero(sent.any(axis=1)):
+                    features[names[j]] = np.where(sent[j], given[j], features[names[j]])
         if self.history_length:
             features[contract.INPUT_HISTORY] = append_sent(features.pop(contract.INPUT_HISTORY), columns.get(contract.INPUT_HISTORY))
         return {self.id_column: ids, **features, contract.OUTPUT_UNKNOWN: ~found}

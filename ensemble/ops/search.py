@@ -46,6 +46,19 @@ def ragged_gather(indptr: np.ndarray, indices: np.ndarray, rows: np.ndarray) -> 
     return owner, indices[np.repeat(starts, lengths) + offsets]
 
 
+def in_answer_order(scores: np.ndarray, keep: np.ndarray) -> bool:
+    """Whether every row is already in answer order: kept hits first, scores strictly falling.
+
+    Then the answer's sort by (kept first, score falling, catalogue row) is the identity, as it is
+    for a search with no exclusions and no exact ties (FAISS returns its hits best first, padding
+    last), and the sort and its gathers are skipped. Rows past their kept hits are masked out
+    whatever their order. A tie, an excluded hit or padding before a hit anywhere in the batch
+    sends the batch through the sort.
+    """
+    later = keep[:, 1:]
+    return not (later & ~keep[:, :-1]).any() and bool((~later | (scores[:, 1:] < scores[:, :-1])).all())
+
+
 # FAISS's GPU k-selection handles at most this many neighbours per query (GPU_MAX_SELECTION_K in
 # 1.7.2 and 1.8); deeper searches go to the CPU copy of the index instead of failing.
 GPU_MAX_SELECTION_K = 2048
@@ -249,10 +262,13 @@ class SearchItems(ArrayOperator, BaseOperator):
         top_k = np.minimum(np.asarray(top_k, dtype=np.int64).reshape(-1), self.n_items)
         kmax = int(top_k.max()) if batch else 0
         owners, excluded = self._exclusions(user_ids, exclude, exclude_seen)
-        excluded_keys = np.unique(owners * self.n_items + excluded)
-        per_row = np.bincount(excluded_keys // self.n_items, minlength=batch)
-        wanted = np.minimum(top_k, self.n_items - per_row)
-        depth = int(min(self.n_items, kmax + per_row.max() + TIE_MARGIN)) if batch else 0
+        if len(owners):
+            excluded_keys = np.unique(owners * self.n_items + excluded)
+            per_row = np.bincount(excluded_keys // self.n_items, minlength=batch)
+            wanted, deepest = np.minimum(top_k, self.n_items - per_row), int(per_row.max())
+        else:  # the usual request: nothing to leave out
+            excluded_keys, wanted, deepest = None, top_k, 0
+        depth = int(min(self.n_items, kmax + deepest + TIE_MARGIN)) if batch else 0
 
         scores, rows = self._raw_search(queries, depth, widen=1)
         keep = self._keep(rows, np.arange(batch), excluded_keys)
@@ -265,16 +281,20 @@ class SearchItems(ArrayOperator, BaseOperator):
             scores[short], rows[short] = s_scores, s_rows
             keep[short] = self._keep(s_rows, short, excluded_keys)
 
-        order = np.lexsort((rows, -scores, ~keep), axis=1)[:, :kmax]
-        rows = np.take_along_axis(rows, order, axis=1)
-        scores = np.take_along_axis(scores, order, axis=1)
-        valid = np.take_along_axis(keep, order, axis=1) & (np.arange(kmax)[None, :] < top_k[:, None])
+        if in_answer_order(scores, keep):  # FAISS's own order is the answer's: no sort needed
+            rows, scores, keep = rows[:, :kmax], scores[:, :kmax], keep[:, :kmax]
+        else:
+            order = np.lexsort((rows, -scores, ~keep), axis=1)[:, :kmax]
+            rows = np.take_along_axis(rows, order, axis=1)
+            scores = np.take_along_axis(scores, order, axis=1)
+            keep = np.take_along_axis(keep, order, axis=1)
+        valid = keep & (np.arange(kmax)[None, :] < top_k[:, None])
         ids = np.where(valid, self._item_ids[np.maximum(rows, 0)], -1)
         return ids, np.where(valid, scores, PAD_SCORE).astype(np.float32)
 
-    def _keep(self, rows: np.ndarray, batch_rows: np.ndarray, excluded_keys: np.ndarray) -> np.ndarray:
+    def _keep(self, rows: np.ndarray, batch_rows: np.ndarray, excluded_keys: np.ndarray | None) -> np.ndarray:
         keep = rows >= 0
-        if len(excluded_keys):
+        if excluded_keys is not None:
             keys = batch_rows[:, None] * self.n_items + rows
             keep &= ~np.isin(keys, excluded_keys)
         return keep

@@ -95,15 +95,36 @@ class NumpyTower:
         self.biases = [np.asarray(arrays[f"bias_{i}"], np.float32) for i in range(n_layers)]
         self.activations = [str(a) for a in arrays["activations"]]
         self.l2_norm = bool(arrays["l2_norm"])
+        # With no pooled feature and one embedding size, the lookups and their concatenation are one
+        # gather from the tables stacked end to end ([batch, features] codes + each table's first row).
+        same_dim = len({t.shape[1] for t in self.tables}) == 1
+        self._stacked = np.concatenate(self.tables) if self.tables and same_dim and not self.pooled else None
+        self._rows = np.array([len(t) for t in self.tables], np.int64)
+        self._first_row = np.concatenate([[0], np.cumsum(self._rows)[:-1]]).astype(np.int64)
 
     @property
     def dim(self) -> int:
         return self.kernels[-1].shape[1]
 
+    def _stacked_lookup(self, features: dict[str, np.ndarray]) -> np.ndarray:
+        """The concatenated embeddings of every feature by one gather (the same values as a lookup per table).
+
+        Raises:
+            IndexError: a code outside its table (which a gather per table raises too), rather than
+                a row of the next table.
+        """
+        codes = np.array([np.asarray(features[f]).reshape(-1) for f in self.features], dtype=np.int64).T
+        if (codes < 0).any() or (codes >= self._rows).any():
+            bad = np.argwhere((codes < 0) | (codes >= self._rows))[0]
+            raise IndexError(f"code {codes[tuple(bad)]} of feature {self.features[bad[1]]!r} is outside its embedding table "
+                             f"of {self._rows[bad[1]]} rows")
+        return self._stacked[codes + self._first_row].reshape(len(codes), -1)
+
     def embed(self, features: dict[str, np.ndarray]) -> np.ndarray:
         """[batch] encoded feature columns ([batch, n] codes for pooled list features) -> [batch, dim] float32."""
-        x = np.concatenate([pool_mean(t, features[f]) if f in self.pooled else t[np.asarray(features[f]).reshape(-1)]
-                            for f, t in zip(self.features, self.tables)], axis=1)
+        x = self._stacked_lookup(features) if self._stacked is not None else np.concatenate(
+            [pool_mean(t, features[f]) if f in self.pooled else t[np.asarray(features[f]).reshape(-1)]
+             for f, t in zip(self.features, self.tables)], axis=1)
         for w, b, activation in zip(self.kernels, self.biases, self.activations):
             x = rowwise_matmul(x, w) + b
             if activation == "relu":

@@ -14,6 +14,7 @@ from merlin.table import TensorTable
 from common import contract
 from ensemble.ops import MISSING
 from ensemble.ops.lookup import LookupUserFeatures
+from ensemble.ops import search as search_mod
 from ensemble.ops.search import PAD_SCORE, SearchItems, ragged_gather
 from ensemble.ops.tower import QueryTower
 from ensemble.ops.transform import TransformUserFeatures
@@ -280,6 +281,27 @@ def test_compiled_tower_equals_tensorflow_and_is_the_default(trained):
         QueryTower(art / contract.ARTIFACT_QUERY_TOWER)
 
 
+def test_compiled_tower_one_gather_equals_a_lookup_per_table_and_refuses_codes_outside(trained):
+    """Tables of one embedding size are gathered at once from one stacked table; the values must
+    be the per-table lookups' bit for bit, and a code past its table must not read the next one's rows."""
+    from ensemble.ops.tower import NumpyTower
+
+    with np.load(trained["artifacts"] / contract.ARTIFACT_QUERY_TOWER_COMPILED) as arrays:
+        tower = NumpyTower({k: arrays[k] for k in arrays.files})
+    assert tower._stacked is not None
+    users = pd.read_parquet(trained["work"] / "etl" / "users_encoded.parquet")
+    feats = {c: users[c].to_numpy() for c in users.columns}
+    stacked = tower.embed(feats)
+    per_table = NumpyTower.__new__(NumpyTower)
+    per_table.__dict__.update({**tower.__dict__, "_stacked": None})
+    assert np.array_equal(stacked, per_table.embed(feats))
+    first = tower.features[0]
+    for bad in (len(tower.tables[0]), -1):  # one past the end would be the next table's first row
+        broken = {**feats, first: np.where(np.arange(len(feats[first])) == 3, bad, feats[first])}
+        with pytest.raises(IndexError, match=rf"code {bad} of feature '{first}' is outside its embedding table of {len(tower.tables[0])} rows"):
+            tower.embed(broken)
+
+
 def test_a_rows_embedding_does_not_depend_on_its_batch(trained):
     """BLAS gives a row other bits at other tile positions; the compiled tower must not."""
     from ensemble.ops.tower import NumpyTower
@@ -302,6 +324,47 @@ def test_search_scores_do_not_depend_on_the_batch(catalogue):
     for n in (2, 19, 20, 21, 64):  # FAISS switches to BLAS at 20 queries unless told not to
         ids, scores = op.search(queries[:n], np.full(n, 10))
         assert np.array_equal(scores[0], one[1][0]) and np.array_equal(ids[0], one[0][0]), n
+
+
+def test_answer_order_shortcut_only_where_the_sort_changes_nothing():
+    """in_answer_order lets SearchItems skip its sort; it must say yes only when the sort by
+    (kept first, score falling, catalogue row) would leave every kept hit where it is."""
+    t, f = True, False
+    scores = np.array([[5.0, 4.0, 3.0, -1.0]], np.float32)
+    assert search_mod.in_answer_order(scores, np.array([[t, t, t, f]]))
+    assert search_mod.in_answer_order(np.array([[5.0, 4.0, 0.0, 0.0]], np.float32), np.array([[t, t, f, f]]))  # tie in the padding
+    assert not search_mod.in_answer_order(np.array([[5.0, 4.0, 4.0]], np.float32), np.array([[t, t, t]]))  # exact tie
+    assert not search_mod.in_answer_order(scores, np.array([[t, f, t, f]]))  # an excluded hit before a kept one
+    assert not search_mod.in_answer_order(np.array([[4.0, 5.0]], np.float32), np.array([[t, t]]))  # not best first
+    assert search_mod.in_answer_order(np.zeros((2, 0), np.float32), np.zeros((2, 0), bool))
+    rng = np.random.default_rng(0)
+    answers = []
+    for _ in range(2000):
+        s = np.sort(rng.integers(0, 40, size=(3, 6)).astype(np.float32), axis=1)[:, ::-1]
+        keep = rng.random((3, 6)) < 0.9
+        rows = rng.permutation(100)[:18].reshape(3, 6)
+        answers.append(search_mod.in_answer_order(s, keep))
+        if answers[-1]:
+            order = np.lexsort((rows, -s, ~keep), axis=1)
+            kept = np.take_along_axis(keep, order, axis=1)
+            assert np.array_equal(np.where(kept, np.take_along_axis(rows, order, axis=1), -1), np.where(keep, rows, -1))
+    assert 50 < sum(answers) < 1950  # both answers were exercised
+
+
+def test_search_answers_the_same_without_the_order_shortcut(catalogue, monkeypatch):
+    op = _search_op(catalogue)
+    rng = np.random.default_rng(12)
+    queries = rng.normal(size=(16, 8)).astype(np.float32)
+    exclude = np.full((16, 3), contract.EXCLUDE_PAD, np.int64)
+    exclude[::3] = rng.choice(catalogue[2], size=(6, 3))
+    users = np.array([7, 9, 8, 1] * 4, np.int64)
+    top_k = rng.integers(1, 30, 16)
+    for args in ({}, {"exclude": exclude}, {"user_ids": users, "exclude_seen": np.arange(16) % 2 == 0}):
+        fast = op.search(queries, top_k, **args)
+        with monkeypatch.context() as m:
+            m.setattr(search_mod, "in_answer_order", lambda scores, keep: False)
+            sorted_ = op.search(queries, top_k, **args)
+        assert np.array_equal(fast[0], sorted_[0]) and np.array_equal(fast[1], sorted_[1]), args
 
 
 def test_exact_ties_are_broken_by_catalogue_row_at_any_depth(tmp_path):
