@@ -116,7 +116,7 @@ def parse_request(tensors: Mapping[str, np.ndarray | None], params: Mapping[str,
     Raises:
         RequestError: saying what was expected and what arrived.
     """
-    unknown = set(params) - {contract.PARAM_TOP_K, contract.PARAM_EXCLUDE_SEEN}
+    unknown = set(params) - {contract.PARAM_TOP_K, contract.PARAM_EXCLUDE_SEEN} if params else ()
     if unknown:
         raise RequestError(f"unknown request parameters {sorted(unknown)}; expected {contract.PARAM_TOP_K!r}, 'exclude_seen'")
     users = tensors.get(contract.INPUT_USER_ID)
@@ -132,11 +132,12 @@ def parse_request(tensors: Mapping[str, np.ndarray | None], params: Mapping[str,
     if batch > limits.max_batch_size:
         raise RequestError(f"batch of {batch} users is over the maximum of {limits.max_batch_size}")
 
-    top_k = _as_int(params.get(contract.PARAM_TOP_K, limits.default_top_k), contract.PARAM_TOP_K)
+    top_k = _as_int(params[contract.PARAM_TOP_K], contract.PARAM_TOP_K) if contract.PARAM_TOP_K in params else limits.default_top_k
     cap = min(limits.max_top_k, n_items)
     if not 1 <= top_k <= cap:
         raise RequestError(f"parameter {contract.PARAM_TOP_K} must be in 1..{cap}, got {top_k}")
-    exclude_seen = _as_bool(params.get(contract.PARAM_EXCLUDE_SEEN, limits.exclude_seen), contract.PARAM_EXCLUDE_SEEN)
+    exclude_seen = (_as_bool(params[contract.PARAM_EXCLUDE_SEEN], contract.PARAM_EXCLUDE_SEEN)
+                    if contract.PARAM_EXCLUDE_SEEN in params else limits.exclude_seen)
 
     exclude = tensors.get(contract.INPUT_EXCLUDE)
     if exclude is None:
@@ -145,7 +146,8 @@ def parse_request(tensors: Mapping[str, np.ndarray | None], params: Mapping[str,
         _check_id_rows(exclude, contract.INPUT_EXCLUDE, batch, limits.max_exclude, "",
                        f"one row per user, padded with {contract.EXCLUDE_PAD}")
     features = {}
-    for name in limits.user_features:
+    # Most requests send the user id alone: the feature inputs are looked at only when others came.
+    for name in limits.user_features if len(tensors) > 1 else ():
         values = tensors.get(name)
         if values is None:
             continue

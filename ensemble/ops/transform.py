@@ -123,18 +123,20 @@ class DenseCodes:
         if not chosen:
             return None
         cols, lo, hi, base, dtypes = zip(*chosen)
-        return cls(tuple(cols), np.array(lo, np.int64), np.array(hi, np.int64), np.array(base, np.int64),
-                   np.concatenate(blocks), tuple(dtypes))
+        table = np.concatenate(blocks)
+        if len(set(dtypes)) == 1:  # the table holds the codes in their dtype: encode hands out columns as they are
+            table = table.astype(dtypes[0])
+        return cls(tuple(cols), np.array(lo, np.int64), np.array(hi, np.int64), np.array(base, np.int64), table, tuple(dtypes))
 
     def encode(self, columns: dict) -> dict[str, np.ndarray]:
         """{column: [n] raw values (MISSING for nulls)} -> {column: [n] codes} for this object's columns."""
-        x = np.stack([np.asarray(columns[c]).reshape(-1) for c in self.columns], axis=1).astype(np.int64, copy=False)
+        x = np.array([np.asarray(columns[c]).reshape(-1) for c in self.columns], dtype=np.int64).T
         span = self.hi - self.lo + 1
         # Compared before subtracting: x - lo of a value far outside the block could wrap around.
         pos = np.where((x >= self.lo) & (x <= self.hi), x - self.lo, span)
         pos = np.where(x == MISSING, span + 1, pos)
         codes = self.table[pos + self.base]
-        return {c: codes[:, j].astype(dt) for j, (c, dt) in enumerate(zip(self.columns, self.dtypes))}
+        return {c: codes[:, j].astype(dt, copy=False) for j, (c, dt) in enumerate(zip(self.columns, self.dtypes))}
 
 
 def item_id_table(workflow, path) -> CategoryTable:
