@@ -94,8 +94,8 @@ class ParquetFeatureStore:
         pos_c = np.minimum(pos, max(len(self._ids) - 1, 0))
         found = (pos < len(self._ids)) & (self._ids[pos_c] == ids) if len(self._ids) else np.zeros(len(ids), bool)
         rows = np.where(found, pos_c, len(self._ids))
-        values = self._rows[rows]
-        out = {name: values[:, j] for j, name in enumerate(self.feature_names)}
+        found_rows = self._rows[rows]
+        out = {name: found_rows[:, j] for j, name in enumerate(self.feature_names)}
         if self.history_length:
             values, starts, lengths = self._history
             out[contract.INPUT_HISTORY] = rows_from_ragged(values, starts[rows], lengths[rows], self.history_length)
