@@ -240,7 +240,7 @@ def interleaved(args, servers, rows, shapes, concurrencies, perf: Path, repos: d
     import statistics
 
     from bench import systems
-    from bench.report import paired, rounds_at
+    from bench.report import p50_over_floor, paired, rounds_at, throughput_share
 
     measured = systems.sweep_servers({name: (repo, model) for name, repo, model in servers}, rows, shapes, concurrencies, args.tools,
                                      perf, args.measurement_ms, rounds=args.rounds,
@@ -258,9 +258,9 @@ def interleaved(args, servers, rows, shapes, concurrencies, perf: Path, repos: d
         system = measured[name]
         p50 = [r["p50_ms"] for r in rounds_at(system, 1) if r]
         thr = [r["throughput"] for r in rounds_at(system, top) if r]
-        ratio = paired(lambda o, t, here: o["p50_ms"] / (t["p50_ms"] + here["p50_ms"]), rounds_at(system, 1), rounds_at(trivial, 1),
+        ratio = paired(p50_over_floor, rounds_at(system, 1), rounds_at(trivial, 1),
                        local_rounds)
-        share = paired(lambda o, t: o["throughput"] / t["throughput"], rounds_at(system, top), rounds_at(trivial, top))
+        share = paired(throughput_share, rounds_at(system, top), rounds_at(trivial, top))
         summary[name] = {"p50_c1_ms": p50, f"throughput_c{top}": thr, "p50_ratio": ratio[1], "throughput_share": share[1]}
         lines.append(f"| {name} | {statistics.median(p50):.3f} | {statistics.median(thr):,.0f} | {ratio[0]:.2f} | {share[0]:.2f} |")
     lines += ["", "Triton's stats over the interleaved rounds, ms per inference (per execution in brackets):",
