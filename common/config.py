@@ -473,6 +473,11 @@ class ServeConfig:
             answer); past it the batch's requests fail with UNAVAILABLE and a clear message.
         index_device: where FAISS searches: "cpu", "gpu" (GPU 0; the load fails without one) or
             "auto" (GPU 0 when this FAISS build sees one). Logged at load.
+        query_cache_mb: the most memory each model instance may give to its query cache
+            (`ensemble.query_cache`): with the embedded store, every stored user's query vector is
+            computed at load, and a request that sends only user ids skips the lookup, the
+            transform and the tower (the same bits as computing them). 0 turns it off; a table
+            that needs more stays uncached (the load log says so). About 260 bytes a user at d=64.
         ready_timeout_s: how long `serve` waits for the server to become ready.
         health_port: port of the supervisor's own health endpoints (/live, /ready), whose
             readiness comes from a canary request through the model.
@@ -505,6 +510,7 @@ class ServeConfig:
     feature_store: str = "embedded"
     feature_store_timeout_s: float = 0.5
     index_device: str = "auto"
+    query_cache_mb: int = 256
     ready_timeout_s: float = 180.0
     health_port: int = contract.DEFAULT_HEALTH_PORT
     http_guard: bool = True
@@ -534,6 +540,7 @@ class ServeConfig:
         _check(self.tower_runtime in ("numpy", "tensorflow"), f"serve.tower_runtime must be numpy or tensorflow, got {self.tower_runtime!r}")
         _check(self.ready_timeout_s > 0, "serve.ready_timeout_s must be > 0")
         _check(0 < self.feature_store_timeout_s <= 30, f"serve.feature_store_timeout_s must be in (0, 30], got {self.feature_store_timeout_s}")
+        _check(self.query_cache_mb >= 0, f"serve.query_cache_mb must be >= 0 (0: off), got {self.query_cache_mb}")
         _check(self.index_device in ("cpu", "gpu", "auto"), f"serve.index_device must be cpu, gpu or auto, got {self.index_device!r}")
         _check(self.max_request_bytes >= 1024, f"serve.max_request_bytes must be >= 1024, got {self.max_request_bytes}")
         _check(self.canary_interval_s > 0, f"serve.canary_interval_s must be > 0, got {self.canary_interval_s}")

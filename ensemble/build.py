@@ -124,7 +124,7 @@ def executor_config(cfg: PipelineConfig, name: str = contract.MODEL_NAME, canary
         "user_features": ",".join(cfg.data.user_features),
         "feature_store": serve.feature_store,
         "feature_store_timeout_s": serve.feature_store_timeout_s,
-        "index_device": serve.index_device,
+        "index_device": serve.index_device, "query_cache_mb": serve.query_cache_mb,
         "history_length": cfg.train.history_length,
     }.items():
         config.parameters[key].string_value = str(value)

@@ -18,7 +18,9 @@ import numpy as np
 from common import contract
 from common.errors import RequestError
 from ensemble.graph import GraphRunner
-from ensemble.ops.search import EXCLUDE_SEEN
+from ensemble.ops.lookup import LookupUserFeatures
+from ensemble.ops.search import EXCLUDE_SEEN, SearchItems
+from ensemble.query_cache import QueryCache, bytes_per_user, why_not
 from ensemble.request import Limits, ParsedRequest, merge, parse_request, split
 
 @dataclass
@@ -34,6 +36,7 @@ class BatchReport:
         exclude_seen_users: users whose training clicks were left out.
         history_known: history item ids (every stored and sent one) the item vocabulary knows.
         history_unknown: those it does not (left out of the query before its latest N are kept).
+        cached_users: users whose query came from the QueryCache.
         parse_s: validation and merging.
         stages_s: operator label -> seconds in the graph.
     """
@@ -46,6 +49,7 @@ class BatchReport:
     exclude_seen_users: int = 0
     history_known: int = 0
     history_unknown: int = 0
+    cached_users: int = 0
     parse_s: float = 0.0
     stages_s: dict = field(default_factory=dict)
 
@@ -58,11 +62,15 @@ class RetrievalExecutor:
         runner: the graph runner.
         limits: request limits.
         n_items: catalogue size.
+        cache: each stored user's query, computed at load (`enable_query_cache`), or None.
+        cache_note: whether the cache is on, and why not when it is off (for the load log).
     """
 
     runner: GraphRunner
     limits: Limits
     n_items: int
+    cache: QueryCache | None = None
+    cache_note: str = "off"
     stats: dict = field(default_factory=lambda: {"requests": 0, "users": 0, "invalid": 0, "batches": 0})
     last: BatchReport = field(default_factory=BatchReport)
 
@@ -86,13 +94,32 @@ class RetrievalExecutor:
         ops = [n.op for n in self.runner.nodes if isinstance(n.op, SearchItems)]
         return ops[0].describe() if ops else "no search stage"
 
+    def _plain_inputs(self, user_ids: np.ndarray) -> dict[str, np.ndarray]:
+        """The graph's inputs for one request of these users that sends nothing but their ids."""
+        request = ParsedRequest(user_ids, min(self.limits.default_top_k, self.n_items), np.zeros((len(user_ids), 0), np.int64), False)
+        return merge([request], self.limits.user_features, history=self.history)
+
     def warm_up(self) -> None:
         """Runs the graph once at 1 and at the largest batch so the first request pays no tracing."""
         for batch in sorted({1, self.limits.max_batch_size}):
-            users = np.arange(batch, dtype=np.int64).reshape(-1, 1)
-            request = ParsedRequest(users.ravel(), min(self.limits.default_top_k, self.n_items), np.zeros((batch, 0), np.int64), False)
-            self.runner.run(merge([request], self.limits.user_features, history=self.history))
+            self.runner.run(self._plain_inputs(np.arange(batch, dtype=np.int64)))
         self.runner.timings_s.clear()
+
+    def enable_query_cache(self, max_mb: float) -> str:
+        """Builds the QueryCache when it is exact for this graph and fits in max_mb; returns cache_note."""
+        reason = why_not(self.runner, max_mb)
+        if reason is None:
+            store = next(n.op for n in self.runner.nodes if isinstance(n.op, LookupUserFeatures)).store
+            cut = self.runner.step_of(SearchItems.__name__)
+            ids = store.user_ids
+            need = bytes_per_user(self.runner, cut, self._plain_inputs(ids[:64])) * len(ids)
+            if need > max_mb * 2**20:
+                reason = f"{len(ids):,} users would take {need / 2**20:,.0f} MB, over serve.query_cache_mb={max_mb:g}"
+            else:
+                self.cache = QueryCache.build(self.runner, cut, ids, self._plain_inputs)
+                self.runner.timings_s.clear()
+        self.cache_note = self.cache.describe() if self.cache is not None else f"off: {reason}"
+        return self.cache_note
 
     def execute(self, requests: list[tuple[Mapping[str, np.ndarray | None], Mapping[str, Any]]]) -> list[dict[str, np.ndarray] | RequestError]:
         """Answers each (tensors, params) request with its outputs or its own RequestError."""
@@ -110,7 +137,7 @@ class RetrievalExecutor:
         if good:
             merged = merge(good, self.limits.user_features, history=self.history)
             report.parse_s = time.perf_counter() - started
-            outputs = self.runner.run(merged)
+            outputs = self._run_graph(merged, good, report)
             for i, answer in zip(where, split(outputs, good)):
                 answers[i] = answer
             report.users = len(merged[contract.INPUT_USER_ID])
@@ -126,4 +153,27 @@ class RetrievalExecutor:
         self.stats["users"] += report.users
         self.last = report
         return answers  # type: ignore[return-value]
+
+    def _run_graph(self, merged: dict[str, np.ndarray], requests: list[ParsedRequest], report: BatchReport) -> dict[str, np.ndarray]:
+        """The graph on a merged batch; rows of stored users that sent nothing but their id take
+        the steps before the search from the cache."""
+        cache = self.cache
+        if cache is None:
+            return self.runner.run(merged)
+        rows = cache.rows(merged[contract.INPUT_USER_ID])
+        # A row that sends a feature value or a history runs the steps itself (the cache is off for
+        # models with a history input, so only features are left to check here).
+        for name in set().union(*[r.features for r in requests]):
+            rows[merged[name] != contract.FEATURE_NOT_GIVEN] = -1
+        miss = np.flatnonzero(rows < 0)
+        report.cached_users = len(rows) - len(miss)
+        if len(miss) == len(rows):
+            return self.runner.run(merged)
+        carried = cache.gather(rows)
+        if not len(miss):
+            return self.runner.run_from(merged, cache.cut, carried)
+        computed = self.runner.run_prefix({name: column[miss] for name, column in merged.items()}, cache.cut)
+        for source, value in computed.items():
+            carried[source][miss] = value
+        return self.runner.run_from(merged, cache.cut, carried, after_prefix=True)
 

@@ -88,6 +88,11 @@ class ParquetFeatureStore:
     def __len__(self) -> int:
         return len(self._ids)
 
+    @property
+    def user_ids(self) -> np.ndarray:
+        """The stored users' raw ids, sorted."""
+        return self._ids
+
     def get(self, user_ids: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
         ids = np.asarray(user_ids, dtype=np.int64).reshape(-1)
         pos = np.searchsorted(self._ids, ids)

@@ -59,10 +59,49 @@ class GraphRunner:
         last = resolved[id(self.nodes[-1])]
         self._outputs = [(n, last[n]) for n in self.output_names]
 
+    def step_of(self, label: str) -> int | None:
+        """The position of the first operator step named `label` (None when the graph has none)."""
+        return next((i for i, step in enumerate(self._steps) if step[0] == label), None)
+
+    def carried(self, cut: int) -> tuple[Source, ...]:
+        """The columns the steps before `cut` produce that later steps or the outputs read."""
+        read = {source for step in self._steps[cut:] for _, source in step[2]} | {source for _, source in self._outputs}
+        return tuple(sorted(s for s in read if s[0] is not None and s[0] < cut))
+
+    def inputs_read(self, cut: int) -> set[str]:
+        """The request inputs the steps before `cut` read."""
+        return {c for step in self._steps[:cut] for _, (source, c) in step[2] if source is None}
+
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        produced: list[Mapping[str, np.ndarray]] = []
-        last_run_s: dict[str, float] = {}
-        for label, op, columns, outputs, selector in self._steps:
+        """Every step on one batch; the graph's outputs."""
+        self.last_run_s = {}
+        produced = self._run_steps(inputs, [], 0, len(self._steps))
+        return {n: inputs[c] if step is None else produced[step][c] for n, (step, c) in self._outputs}
+
+    def run_prefix(self, inputs: Mapping[str, np.ndarray], cut: int) -> dict[Source, np.ndarray]:
+        """The steps before `cut` on one batch; the columns they carry past it (`carried`)."""
+        self.last_run_s = {}
+        produced = self._run_steps(inputs, [], 0, cut)
+        return {(step, c): produced[step][c] for step, c in self.carried(cut)}
+
+    def run_from(self, inputs: Mapping[str, np.ndarray], cut: int, carried: Mapping[Source, np.ndarray],
+                 after_prefix: bool = False) -> dict[str, np.ndarray]:
+        """The steps from `cut` on, the earlier steps' columns given (`carried`); the graph's outputs.
+
+        after_prefix: this batch's carried columns were partly computed by `run_prefix` just
+            before (on some of its rows), whose seconds last_run_s keeps.
+        """
+        if not after_prefix:
+            self.last_run_s = {}
+        produced: list[dict[str, np.ndarray]] = [{} for _ in range(cut)]
+        for (step, c), value in carried.items():
+            produced[step][c] = value
+        produced = self._run_steps(inputs, produced, cut, len(self._steps))
+        return {n: inputs[c] if step is None else produced[step][c] for n, (step, c) in self._outputs}
+
+    def _run_steps(self, inputs: Mapping[str, np.ndarray], produced: list, start: int, stop: int) -> list:
+        last_run_s = self.last_run_s
+        for label, op, columns, outputs, selector in self._steps[start:stop]:
             args = {n: inputs[c] if step is None else produced[step][c] for n, (step, c) in columns}
             started = time.perf_counter()
             if selector is None:
@@ -74,5 +113,4 @@ class GraphRunner:
             self.timings_s[label] = self.timings_s.get(label, 0.0) + elapsed
             last_run_s[label] = last_run_s.get(label, 0.0) + elapsed
             produced.append({n: result[n] for n in outputs})
-        self.last_run_s = last_run_s
-        return {n: inputs[c] if step is None else produced[step][c] for n, (step, c) in self._outputs}
+        return produced

@@ -8,7 +8,10 @@ Triton serves them on its metrics port beside its own (nv_inference_*):
         model with a history input: every stored and sent one, before the latest N known are kept); unknown: ids the item
         vocabulary does not hold (a newer catalogue than the model's, or a client's typo), left out
         of the query. A rising unknown share says the model is due for retraining.
-    retrieval_stage_seconds{stage="parse|lookup|transform|tower|search"}   histogram per batch (sampled under load)
+    retrieval_cached_users_total   users whose query came from the query cache (`ensemble.query_cache`):
+        stored users that sent only their id, for whom no lookup, transform or tower ran
+    retrieval_stage_seconds{stage="parse|lookup|transform|tower|search"}   histogram per batch (sampled under
+        load); a batch whose users all came from the query cache runs no lookup, transform or tower
     retrieval_batch_users   histogram of users per executed batch (dynamic batching at work; sampled under load)
 
 A backend without histograms (Triton 23.06's) gets each histogram as two counters instead,
@@ -105,6 +108,8 @@ class ServingMetrics:
         self.users = {k: users.Metric(labels={**labels, "kind": k}) for k in ("known", "unknown")}
         self.excluded = {s: excluded.Metric(labels={**labels, "source": s}) for s in ("request", "seen")}
         self.history = {k: history.Metric(labels={**labels, "kind": k}) for k in ("known", "unknown")}
+        self.cached = new("retrieval_cached_users_total", "Users whose query came from the query cache (no lookup, transform or tower)",
+                          family.COUNTER).Metric(labels=labels)
         stage_text, batch_text = "Seconds per executed batch in each stage of the request path", "Users per executed batch"
         if caps.histograms:
             stages = new("retrieval_stage_seconds", stage_text, family.HISTOGRAM)
@@ -144,7 +149,7 @@ class ServingMetrics:
             if not queue:
                 return 0
             counts = {o: 0 for o in OUTCOMES}
-            known = unknown = excluded = seen = history_known = history_unknown = 0
+            known = unknown = excluded = seen = history_known = history_unknown = cached = 0
             stages = {s: [] for s in self.stages}
             batch_users = []
             for item in queue:
@@ -161,6 +166,7 @@ class ServingMetrics:
                 seen += item.exclude_seen_users
                 history_known += item.history_known
                 history_unknown += item.history_unknown
+                cached += item.cached_users
                 stages["parse"].append(item.parse_s)
                 for label, seconds in item.stages_s.items():
                     if label in STAGES:
@@ -169,7 +175,8 @@ class ServingMetrics:
             increments = [(self.requests[o], counts[o]) for o in OUTCOMES]
             increments += [(self.users["known"], known), (self.users["unknown"], unknown),
                            (self.excluded["request"], excluded), (self.excluded["seen"], seen),
-                           (self.history["known"], history_known), (self.history["unknown"], history_unknown)]
+                           (self.history["known"], history_known), (self.history["unknown"], history_unknown),
+                           (self.cached, cached)]
             for metric, value in increments:
                 if value:
                     metric.increment(value)
@@ -194,5 +201,5 @@ class ServingMetrics:
         self.flush()
         self.enabled = False
         self.requests = self.users = self.excluded = self.history = self.stages = {}
-        self.batch_users = None
+        self.batch_users = self.cached = None
         self._families = []

@@ -56,7 +56,8 @@ class TritonPythonModel:
         gc.freeze()
         pb_utils.Logger.log_info(
             f"retrieval model ready: {self.executor.n_items} items, limits {limits}, {threads} thread(s); "
-            f"backend: {self.caps.describe()}; search: {self.executor.search_description}"
+            f"backend: {self.caps.describe()}; search: {self.executor.search_description}; "
+            f"query cache: {self.executor.cache_note}"
         )
 
     def execute(self, requests):

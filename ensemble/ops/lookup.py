@@ -62,6 +62,11 @@ class LookupUserFeatures(ArrayOperator, BaseOperator):
         path = Path(artifact_path) / Path(self.table_path).name if artifact_path else Path(self.table_path)
         self._store = ParquetFeatureStore(path, self.id_column, self.feature_names, self.history_length)
 
+    @property
+    def store(self) -> FeatureStore | None:
+        """The store lookups read (None before load_artifacts)."""
+        return self._store
+
     def set_store(self, store: FeatureStore) -> None:
         """Replaces the embedded table with another store (a shared online store, say)."""
         self._store = store

@@ -71,8 +71,11 @@ def test_our_families_count_what_we_sent(server, trained):
     assert delta("retrieval_users_total", kind="unknown") == 4
     assert delta("retrieval_excluded_items_total", source="request") == 4 * 3
     assert delta("retrieval_excluded_items_total", source="seen") == 1
-    for stage in ("parse", "lookup", "transform", "tower", "search"):
-        assert delta("retrieval_stage_seconds_count", stage=stage) == 5  # one observation per executed batch
-        assert 0 < delta("retrieval_stage_seconds_sum", stage=stage) < 5 * 0.5  # seconds, and sane ones
+    # Known users that sent only their ids take their query from the cache: the four mixed batches
+    # ran the lookup, transform and tower for their unknown user alone, the last batch not at all.
+    assert delta("retrieval_cached_users_total") == 4 * 3 + 1
+    for stage, batches in (("parse", 5), ("lookup", 4), ("transform", 4), ("tower", 4), ("search", 5)):
+        assert delta("retrieval_stage_seconds_count", stage=stage) == batches  # one observation per batch that ran it
+        assert 0 < delta("retrieval_stage_seconds_sum", stage=stage) < batches * 0.5  # seconds, and sane ones
     assert delta("retrieval_batch_users_sum") == 4 * 4 + 1
     assert metric(after, "nv_inference_request_success", model=contract.MODEL_NAME) >= 5  # Triton's own, beside ours

@@ -43,6 +43,9 @@ def test_redis_lookup_equals_embedded_in_process(redis_repository, executor, tra
     with_redis = load_model_in_process(redis_repository)
     lookup = next(n.op for n in with_redis.runner.nodes if type(n.op).__name__ == "LookupUserFeatures")
     assert isinstance(lookup._store, RedisFeatureStore)
+    # Redis rows can change while the model serves: no query is computed ahead of its request
+    assert with_redis.cache is None and executor.cache is not None
+    assert with_redis.cache_note == "off: the feature store is shared (Redis): its rows can change while the model serves"
     ours, embedded = with_redis.execute(_requests(trained))[0], executor.execute(_requests(trained))[0]
     for name in (contract.OUTPUT_ITEM_IDS, contract.OUTPUT_SCORES, contract.OUTPUT_UNKNOWN):
         np.testing.assert_array_equal(ours[name], embedded[name])

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -60,6 +61,12 @@ def test_bad_request_gets_a_clear_error_and_the_server_keeps_serving(client, kno
     with pytest.raises(ClientError, match=r"top_k must be in 1\.\.\d+, got 0"):
         client.recommend([int(known_users[0])], top_k=0)
     assert client.recommend([int(known_users[0])], top_k=3).item_ids.shape == (1, 3)
+
+
+def test_the_served_model_computes_its_stored_users_queries_at_load(server, trained):
+    users = len(pd.read_parquet(trained["artifacts"] / contract.ARTIFACT_USER_FEATURES))
+    log = Path(server.log_path).read_text(errors="replace")
+    assert f"query cache: on, {users:,} users, " in log, server.log_tail()
 
 
 def test_unknown_model_is_a_clear_error(server):

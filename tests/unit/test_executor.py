@@ -148,7 +148,8 @@ def test_metrics_are_queued_per_batch_and_sent_coalesced(histograms):
     metrics = ServingMetrics(_Recorder, caps, "retrieval", "1", flush_interval_s=3600)
     stages = {"LookupUserFeatures": 0.001, "QueryTower": 0.002, "SelectionOp": 9.0}
     metrics.record(BatchReport(ok=2, invalid=1, users=3, unknown_users=1, excluded_items=4, parse_s=0.5, stages_s=stages))
-    metrics.record(BatchReport(ok=1, users=1, parse_s=0.25, stages_s=stages))
+    metrics.record(BatchReport(ok=1, users=1, cached_users=1, parse_s=0.25, stages_s=stages))
+    metrics.record(BatchReport(ok=2, users=2, cached_users=2, parse_s=0.25, stages_s={"SearchItems": 0.001}))
     metrics.record_failure("unavailable", 2)
     assert _Recorder.calls == []  # nothing reaches the backend on the request path
     metrics.close()
@@ -156,21 +157,24 @@ def test_metrics_are_queued_per_batch_and_sent_coalesced(histograms):
     def sent(call, family, **labels):
         return [v for c, got, v in _Recorder.calls if c == call and got["family"] == family and labels.items() <= got.items()]
 
-    assert sent("increment", "retrieval_requests_total", outcome="ok") == [3]
+    assert sent("increment", "retrieval_requests_total", outcome="ok") == [5]
     assert sent("increment", "retrieval_requests_total", outcome="invalid") == [1]
     assert sent("increment", "retrieval_requests_total", outcome="unavailable") == [2]
     assert sent("increment", "retrieval_requests_total", outcome="error") == []  # zeros are not sent
-    assert sent("increment", "retrieval_users_total", kind="known") == [2 + 1]
+    assert sent("increment", "retrieval_users_total", kind="known") == [2 + 1 + 2]
+    assert sent("increment", "retrieval_cached_users_total") == [1 + 2]
     assert sent("increment", "retrieval_excluded_items_total", source="seen") == []
-    if histograms:  # one observation per executed batch, as before
-        assert sent("observe", "retrieval_stage_seconds", stage="parse") == [0.5, 0.25]
+    if histograms:  # one observation per executed batch that ran the stage
+        assert sent("observe", "retrieval_stage_seconds", stage="parse") == [0.5, 0.25, 0.25]
         assert sent("observe", "retrieval_stage_seconds", stage="tower") == [0.002, 0.002]
-        assert sent("observe", "retrieval_batch_users") == [3, 1]
+        assert sent("observe", "retrieval_stage_seconds", stage="search") == [0.001]
+        assert sent("observe", "retrieval_batch_users") == [3, 1, 2]
         assert sent("observe", "retrieval_stage_seconds", stage="transform") == []
     else:  # sums and counts as counters, one increment each per send
-        assert sent("increment", "retrieval_stage_seconds_sum", stage="parse") == [0.75]
-        assert sent("increment", "retrieval_stage_seconds_count", stage="parse") == [2]
-        assert sent("increment", "retrieval_batch_users_sum") == [4.0] and sent("increment", "retrieval_batch_users_count") == [2]
+        assert sent("increment", "retrieval_stage_seconds_sum", stage="parse") == [1.0]
+        assert sent("increment", "retrieval_stage_seconds_count", stage="parse") == [3]
+        assert sent("increment", "retrieval_stage_seconds_count", stage="tower") == [2]
+        assert sent("increment", "retrieval_batch_users_sum") == [6.0] and sent("increment", "retrieval_batch_users_count") == [3]
     calls = len(_Recorder.calls)
     metrics.record(BatchReport(ok=1, users=1))  # after close: dropped, nothing sent
     assert metrics.flush() == 0 and len(_Recorder.calls) == calls
