@@ -218,7 +218,8 @@ def markdown(report: dict) -> str:
               "|---|---|---|---|"]
     for c, r in s["ratios"].items():
         lines.append(f"| {c} | {_fmt(r['throughput_vs_reference'], '.1f')}x | {_fmt(r['p50_reference_over_ours'], '.1f')}x | {_fmt(r['p50_minus_trivial_ms'], '.2f')} |")
-    lines += ["", "In-process stages (ms per 1-user request): " + ", ".join(f"{k} {v:.3f}" for k, v in ip["stage_ms"].items()), ""]
+    cache = f" (query cache {ip['query_cache']}: a stored user that sends only its id runs the search alone)" if ip.get("query_cache") else ""
+    lines += ["", "In-process stages (ms per 1-user request): " + ", ".join(f"{k} {v:.3f}" for k, v in ip["stage_ms"].items()) + cache, ""]
     lines += ["## Memory (RSS after the sweep, MB)", "", "| system | tritonserver | stubs | total |", "|---|---|---|---|"]
     for name in SYSTEMS:
         if name not in report["systems"]:

@@ -67,8 +67,8 @@ def main(argv=None) -> int:
     report["in_process_load_rss_mb"] = psutil.Process().memory_info().rss / 2**20 - rss_before  # what the loaded model holds
     del executor
     report["in_process"] = systems.in_process(repo, args.artifacts, args.requests, 0)
-    LOG.info("in-process: p50 %.2f ms (%s)", report["in_process"]["p50_ms"],
-             ", ".join(f"{k} {v:.3f}" for k, v in report["in_process"]["stage_ms"].items()))
+    LOG.info("in-process: p50 %.2f ms (%s; query cache %s)", report["in_process"]["p50_ms"],
+             ", ".join(f"{k} {v:.3f}" for k, v in report["in_process"]["stage_ms"].items()), report["in_process"]["query_cache"])
 
     rows, shapes = systems.our_inputs(args.artifacts, 1000, 0)
     report["embedded"] = systems.sweep_server("seed_embedded", repo, "retrieval", rows, shapes, [1], args.tools, out / "perf", args.measurement_ms)

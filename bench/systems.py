@@ -197,7 +197,7 @@ class InProcess:
         """The figure the targets use: throughput, p50/p95/p99 and stages, requests back to back."""
         ms, total, stage_ms = self.timed()
         return {"throughput": len(self.requests) / total, "p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)),
-                "p99_ms": float(np.percentile(ms, 99)), "stage_ms": stage_ms}
+                "p99_ms": float(np.percentile(ms, 99)), "stage_ms": stage_ms, "query_cache": self.executor.cache_note}
 
     def measure(self, idle_ms: float = 1.0) -> dict:
         """Timed twice: back to back, and again with `idle_ms` of sleep before each request, the
