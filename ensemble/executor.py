@@ -8,7 +8,7 @@ Loading it from a model repository is `ensemble.loader`'s job.
 from __future__ import annotations
 
 import functools
-
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -18,10 +18,12 @@ import numpy as np
 from common import contract
 from common.errors import RequestError
 from ensemble.graph import GraphRunner
-from ensemble.ops.lookup import LookupUserFeatures
 from ensemble.ops.search import EXCLUDE_SEEN, SearchItems
 from ensemble.query_cache import QueryCache, bytes_per_user, why_not
 from ensemble.request import Limits, ParsedRequest, merge, parse_request, split
+
+LOG = logging.getLogger(__name__)
+
 
 @dataclass
 class BatchReport:
@@ -105,19 +107,22 @@ class RetrievalExecutor:
             self.runner.run(self._plain_inputs(np.arange(batch, dtype=np.int64)))
         self.runner.timings_s.clear()
 
-    def enable_query_cache(self, max_mb: float) -> str:
-        """Builds the QueryCache when it is exact for this graph and fits in max_mb; returns cache_note."""
+    def enable_query_cache(self, max_mb: float | None) -> str:
+        """Builds the QueryCache when it is exact for this graph and fits in max_mb (None: the
+        repository predates the setting); returns cache_note."""
         reason = why_not(self.runner, max_mb)
         if reason is None:
-            store = next(n.op for n in self.runner.nodes if isinstance(n.op, LookupUserFeatures)).store
-            cut = self.runner.step_of(SearchItems.__name__)
-            ids = store.user_ids
-            need = bytes_per_user(self.runner, cut, self._plain_inputs(ids[:64])) * len(ids)
-            if need > max_mb * 2**20:
-                reason = f"{len(ids):,} users would take {need / 2**20:,.0f} MB, over serve.query_cache_mb={max_mb:g}"
-            else:
-                self.cache = QueryCache.build(self.runner, cut, ids, self._plain_inputs)
-                self.runner.timings_s.clear()
+            store = self.runner.ops_before(self.runner.step_of(SearchItems.__name__))[0].store  # the lookup's (why_not)
+            try:
+                need = bytes_per_user(self.runner, self._plain_inputs(store.user_ids[:64])) * len(store)
+                if need > max_mb * 2**20:
+                    reason = f"{len(store):,} users would take {need / 2**20:,.0f} MB, over serve.query_cache_mb={max_mb:g}"
+                else:
+                    self.cache = QueryCache.build(self.runner, self._plain_inputs)
+            except Exception as e:  # noqa: BLE001 - requests still run the full path, which reports its own errors
+                reason = f"building it failed ({type(e).__name__}: {e}); every request runs the lookup, transform and tower"
+                LOG.warning("query cache %s", reason)
+        self.runner.timings_s.clear()
         self.cache_note = self.cache.describe() if self.cache is not None else f"off: {reason}"
         return self.cache_note
 
@@ -159,6 +164,10 @@ class RetrievalExecutor:
         the steps before the search from the cache."""
         cache = self.cache
         if cache is None:
+            return self.runner.run(merged)
+        if not cache.current():  # the lookup was pointed at another store after load
+            self.cache, self.cache_note = None, "off: the feature store was replaced after load"
+            LOG.warning("query cache %s", self.cache_note)
             return self.runner.run(merged)
         rows = cache.rows(merged[contract.INPUT_USER_ID])
         # A row that sends a feature value or a history runs the steps itself (the cache is off for

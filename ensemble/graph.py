@@ -37,6 +37,7 @@ class GraphRunner:
         self.last_run_s: dict[str, float] = {}  # seconds per operator in the latest run
         self._steps: list[tuple] = []  # (label, op, [(name, source)], output names, transform selector or None)
         self._outputs: list[tuple[str, Source]] = []
+        self._carried: dict[int, tuple[Source, ...]] = {}  # cut -> carried(cut), found once
         self._plan()
 
     def _plan(self) -> None:
@@ -63,10 +64,16 @@ class GraphRunner:
         """The position of the first operator step named `label` (None when the graph has none)."""
         return next((i for i, step in enumerate(self._steps) if step[0] == label), None)
 
+    def ops_before(self, cut: int) -> list:
+        """The operators of the steps before `cut`, in order."""
+        return [step[1] for step in self._steps[:cut]]
+
     def carried(self, cut: int) -> tuple[Source, ...]:
         """The columns the steps before `cut` produce that later steps or the outputs read."""
-        read = {source for step in self._steps[cut:] for _, source in step[2]} | {source for _, source in self._outputs}
-        return tuple(sorted(s for s in read if s[0] is not None and s[0] < cut))
+        if cut not in self._carried:
+            read = {source for step in self._steps[cut:] for _, source in step[2]} | {source for _, source in self._outputs}
+            self._carried[cut] = tuple(sorted(s for s in read if s[0] is not None and s[0] < cut))
+        return self._carried[cut]
 
     def inputs_read(self, cut: int) -> set[str]:
         """The request inputs the steps before `cut` read."""

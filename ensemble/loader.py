@@ -80,7 +80,8 @@ def load_executor(ensemble_dir: str | Path, limits: Limits, params: Mapping[str,
         ensemble_dir: the version folder's `ensemble/`.
         limits: request limits.
         params: the model config's parameters (threads, feature_store, feature_store_timeout_s,
-            index_device, query_cache_mb); defaults for those absent (no query cache).
+            index_device, query_cache_mb); defaults for those absent (no query cache: a repository
+            exported before it).
     """
     params = dict(params or {})
     threads = int(params.get("threads", "1"))
@@ -121,5 +122,5 @@ def load_executor(ensemble_dir: str | Path, limits: Limits, params: Mapping[str,
         # The model still loads: requests answer UNAVAILABLE (and readiness is false) until the store
         # answers, as the store itself promises at load; the first good request pays the warm-up.
         LOG.warning("warm-up skipped, the feature store is not usable at load: %s", e)
-    executor.enable_query_cache(float(params.get("query_cache_mb", "0")))
+    executor.enable_query_cache(float(params["query_cache_mb"]) if "query_cache_mb" in params else None)
     return executor

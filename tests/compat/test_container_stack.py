@@ -144,3 +144,49 @@ def test_a_redis_feature_store_without_redis_py_fails_the_load_in_one_line(train
     assert re.search(r"retrieval model cannot load: feature_store 'redis://127\.0\.0\.1:1/0' needs the redis-py package, "
                      r"which this Python does not have; install it in the server's environment \(pip install redis==5\.0\.8\)",
                      (tmp_path / "log.txt").read_text())
+
+
+
+CACHE_CHECK = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1] + "/retrieval/1/code")
+import numpy as np
+from common import contract
+from ensemble.loader import load_executor
+from ensemble.request import Limits
+
+params, max_batch = json.loads(sys.argv[2]), int(sys.argv[3])
+ensemble_dir = sys.argv[1] + "/retrieval/1/ensemble"
+cached = load_executor(ensemble_dir, Limits.from_parameters(params, max_batch), params=params)
+uncached = load_executor(ensemble_dir, Limits.from_parameters(params, max_batch), params={**params, "query_cache_mb": "0"})
+ids = cached.cache.user_ids
+start, requests, equal, hits = 0, 0, 0, 0
+while start < len(ids):
+    n = 1 + requests % 7
+    request = [({contract.INPUT_USER_ID: np.append(ids[start:start + n], 10**12).reshape(-1, 1)}, {"top_k": 10})]
+    a, b = cached.execute(request)[0], uncached.execute(request)[0]
+    hits += cached.last.cached_users
+    equal += all(np.array_equal(a[k], b[k]) for k in (contract.OUTPUT_ITEM_IDS, contract.OUTPUT_SCORES, contract.OUTPUT_UNKNOWN))
+    requests += 1
+    start += n
+print(sys.version_info[:2], np.__version__, uncached.cache_note, "cached", hits, "of", len(ids), "equal", equal, "of", requests)
+"""
+
+
+def test_the_query_cache_answers_bit_for_bit_on_this_stack(repository, compat_python):
+    """numpy 1.22.4 and the container's BLAS: every stored user's answer (beside an unknown user in
+    each request) with the cache equals the one without, bit for bit, in-process on that stack."""
+    import json
+    import os
+
+    from ensemble.loader import model_parameters
+
+    params, max_batch = model_parameters(repository / contract.MODEL_NAME, 1)
+    run = subprocess.run([str(compat_python), "-c", CACHE_CHECK, str(repository), json.dumps(params), str(max_batch)],
+                         capture_output=True, text=True, timeout=600, env={**os.environ, **CONTAINER_ENV})
+    assert run.returncode == 0, run.stderr[-3000:]
+    last = run.stdout.strip().splitlines()[-1]
+    match = re.fullmatch(r"\(3, 10\) 1\.22\.4 off: serve\.query_cache_mb is 0 cached (\d+) of (\d+) equal (\d+) of (\d+)", last)
+    assert match, last
+    cached, users, equal, requests = map(int, match.groups())
+    assert cached == users > 0 and equal == requests > 0, last

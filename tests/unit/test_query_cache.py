@@ -12,12 +12,15 @@ from ensemble.query_cache import why_not
 from ensemble.request import merge, parse_request
 
 
-def load(repository, query_cache_mb: float):
+def load(repository, query_cache_mb: float | None):
+    """The repository's model in-process with query_cache_mb set (None: the parameter absent)."""
     from ensemble.loader import load_executor, model_parameters
     from ensemble.request import Limits
 
     params, max_batch = model_parameters(repository / contract.MODEL_NAME, 1)
-    params = {**params, "query_cache_mb": str(query_cache_mb)}
+    params = {k: v for k, v in params.items() if k != "query_cache_mb"}
+    if query_cache_mb is not None:
+        params["query_cache_mb"] = str(query_cache_mb)
     return load_executor(repository / contract.MODEL_NAME / "1" / "ensemble", Limits.from_parameters(params, max_batch), params=params)
 
 
@@ -79,6 +82,13 @@ def test_every_stored_user_gets_the_full_paths_answer_bit_for_bit(executor, unca
                 np.testing.assert_array_equal(a[name], b[name])
             checked += 1
     assert cached_rows > 0.7 * len(ids) and mixed > 10  # both paths and their mix were exercised
+    # one user twice in a request, once with a feature value, and a stored user with "not given" sent
+    twice = [({contract.INPUT_USER_ID: ids[[5, 5, 6]].reshape(-1, 1),
+               feature: np.array([[2], [contract.FEATURE_NOT_GIVEN], [contract.FEATURE_NOT_GIVEN]], np.int64)}, {"top_k": 9})]
+    ours, theirs = executor.execute(twice)[0], uncached.execute(twice)[0]
+    assert executor.last.cached_users == 2
+    for name in (contract.OUTPUT_ITEM_IDS, contract.OUTPUT_SCORES, contract.OUTPUT_UNKNOWN):
+        np.testing.assert_array_equal(ours[name], theirs[name])
 
 
 def test_a_batch_of_cached_users_runs_only_the_search(executor, stored):
@@ -103,6 +113,7 @@ def test_the_graph_run_in_two_parts_equals_one_run(uncached, stored):
 
 
 @pytest.mark.parametrize("query_cache_mb, note", [
+    (None, r"off: the model's config has no query_cache_mb \(exported before the query cache; `make ensemble` again\)"),
     (0, "off: serve.query_cache_mb is 0"),
     (0.001, r"off: [\d,]+ users would take \d+ MB, over serve.query_cache_mb=0.001"),
 ])
@@ -125,3 +136,42 @@ def test_the_cache_stays_off_for_the_tensorflow_tower(repository):
     assert why_not(executor.runner, 256) is None
     tower.runtime = "tensorflow"
     assert why_not(executor.runner, 256) == "the TensorFlow tower computes a row differently in different batches"
+
+
+def test_the_cache_stays_off_for_a_transform_on_nvtabular(repository):
+    from ensemble.ops.transform import TransformUserFeatures
+
+    executor = load(repository, 0)
+    transform = next(n.op for n in executor.runner.nodes if isinstance(n.op, TransformUserFeatures))
+    transform._tables = None  # what load_artifacts leaves when the workflow has operators beyond Categorify
+    assert why_not(executor.runner, 256) == ("the workflow transform runs on NVTabular (operators beyond Categorify), "
+                                             "whose rows may depend on the batch")
+
+
+def test_a_cache_that_fails_to_build_leaves_the_model_serving_the_full_path(repository, stored):
+    """A stored row the tower refuses fails the build, not the load; the load log says why."""
+    from ensemble.ops.tower import QueryTower
+
+    executor = load(repository, 0)
+    tower = next(n.op for n in executor.runner.nodes if isinstance(n.op, QueryTower))
+    tower._numpy._rows = tower._numpy._rows.copy()
+    tower._numpy._rows[0] = 0  # every code of the first feature is now outside its table
+    note = executor.enable_query_cache(256)
+    assert executor.cache is None
+    assert re.fullmatch(r"off: building it failed \(IndexError: code \d+ of feature '\w+' is outside its embedding table of 0 rows\); "
+                        r"every request runs the lookup, transform and tower", note), note
+
+
+def test_a_store_replaced_after_load_drops_the_cache(repository, stored, uncached):
+    from ensemble.feature_store import ParquetFeatureStore
+    from ensemble.ops.lookup import LookupUserFeatures
+
+    executor = load(repository, 256)
+    lookup = next(n.op for n in executor.runner.nodes if isinstance(n.op, LookupUserFeatures))
+    store = lookup.store
+    lookup.set_store(ParquetFeatureStore(store.path, lookup.id_column, lookup.feature_names))
+    request = [({contract.INPUT_USER_ID: stored.user_id.to_numpy()[:3].astype(np.int64).reshape(-1, 1)}, {})]
+    ours, theirs = executor.execute(request)[0], uncached.execute(request)[0]
+    assert executor.cache is None and executor.last.cached_users == 0
+    assert executor.cache_note == "off: the feature store was replaced after load"
+    np.testing.assert_array_equal(ours[contract.OUTPUT_ITEM_IDS], theirs[contract.OUTPUT_ITEM_IDS])
