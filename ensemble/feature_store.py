@@ -93,12 +93,19 @@ class ParquetFeatureStore:
         """The stored users' raw ids, sorted."""
         return self._ids
 
-    def get(self, user_ids: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    def positions(self, user_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """([n] each id's position in `user_ids`, a valid but meaningless one where not found, [n] found)."""
         ids = np.asarray(user_ids, dtype=np.int64).reshape(-1)
-        pos = np.searchsorted(self._ids, ids)
-        pos_c = np.minimum(pos, max(len(self._ids) - 1, 0))
-        found = (pos < len(self._ids)) & (self._ids[pos_c] == ids) if len(self._ids) else np.zeros(len(ids), bool)
-        rows = np.where(found, pos_c, len(self._ids))
+        if not len(self._ids):
+            return np.zeros(len(ids), np.int64), np.zeros(len(ids), bool)
+        # An id above every stored one lands past the end, which the clamp turns into the last
+        # stored id: not equal to it, so not found.
+        pos = np.minimum(np.searchsorted(self._ids, ids), len(self._ids) - 1)
+        return pos, self._ids[pos] == ids
+
+    def get(self, user_ids: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        pos, found = self.positions(user_ids)
+        rows = np.where(found, pos, len(self._ids))
         found_rows = self._rows[rows]
         out = {name: found_rows[:, j] for j, name in enumerate(self.feature_names)}
         if self.history_length:

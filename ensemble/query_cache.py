@@ -78,7 +78,6 @@ class QueryCache:
                 if source not in columns:
                     columns[source] = np.empty((len(user_ids), *value.shape[1:]), value.dtype)
                 columns[source][start : start + len(value)] = value
-        runner.last_run_s = {}
         for value in columns.values():
             value.flags.writeable = False
         return cls(cut, lookup, store, columns, time.perf_counter() - started)
@@ -99,11 +98,8 @@ class QueryCache:
 
     def rows(self, user_ids: np.ndarray) -> np.ndarray:
         """Raw user ids -> their cache rows (-1 for a user the cache lacks)."""
-        ids = self.store.user_ids
-        if not len(ids):
-            return np.full(len(user_ids), -1, np.int64)
-        pos = np.minimum(np.searchsorted(ids, user_ids), len(ids) - 1)
-        return np.where(ids[pos] == user_ids, pos, -1)
+        pos, found = self.store.positions(user_ids)
+        return np.where(found, pos, -1)
 
     def gather(self, rows: np.ndarray) -> dict[Source, np.ndarray]:
         """The cached columns of `rows` (fresh arrays; a row of -1 gets another user's values, to be replaced)."""
@@ -116,7 +112,6 @@ class QueryCache:
 def bytes_per_user(runner: GraphRunner, inputs: Mapping[str, np.ndarray]) -> int:
     """What one user's row of a QueryCache takes, from one run of the steps before the search on `inputs`."""
     part = runner.run_prefix(inputs, runner.step_of(SearchItems.__name__))
-    runner.last_run_s = {}
     rows = len(next(iter(inputs.values())))
     return -(-sum(v.nbytes for v in part.values()) // max(rows, 1))
 
