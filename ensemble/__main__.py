@@ -33,6 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     health.add_argument("--url", default=f"127.0.0.1:{contract.DEFAULT_HTTP_PORT}", help="Triton's HTTP host:port")
     health.add_argument("--user-id", type=int, default=0, help="the user to ask for")
     health.add_argument("--known", action="store_true", help="the user is known: an unknown_user answer fails the check")
+    health.add_argument("--new-user-id", type=int, help="a user the export does not store, asked next: its request runs "
+                        "the lookup, transform and tower even where stored users' queries are cached")
     health.add_argument("--timeout-s", type=float, default=5.0)
     mat = sub.add_parser("materialize", help="write an export's user features to a shared Redis feature store")
     mat.add_argument("--artifacts", required=True, type=Path)
@@ -83,7 +85,7 @@ def main(argv=None) -> int:
     if args.command == "health":
         from ensemble.health import canary
 
-        result = canary(args.url, args.user_id, args.known, args.timeout_s)
+        result = canary(args.url, args.user_id, args.known, args.timeout_s, cold_user_id=args.new_user_id)
         print(f"{'ready' if result.ok else 'not ready'} ({result.kind}): {result.detail}")
         return 0 if result.ok else 1
     if args.command == "build":

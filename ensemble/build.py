@@ -92,10 +92,12 @@ def build_ensemble(artifacts: Path, scratch: Path, cfg: PipelineConfig, manifest
     return Ensemble(outputs, input_schema(data.user_features, history=bool(history)))
 
 
-def executor_config(cfg: PipelineConfig, name: str = contract.MODEL_NAME, canary_user_id: int | None = None) -> model_config.ModelConfig:
+def executor_config(cfg: PipelineConfig, name: str = contract.MODEL_NAME, canary_user_id: int | None = None,
+                    canary_cold_user_id: int | None = None) -> model_config.ModelConfig:
     """config.pbtxt of the executor model, from the contract and the serve settings.
 
-    `canary_user_id`, a user known in training, is what the health canary asks for."""
+    `canary_user_id`, a user known in training, is what the health canary asks for;
+    `canary_cold_user_id`, a user the export does not store, what it asks next (`ensemble.health.canary`)."""
     serve = cfg.serve
     dt = model_config.DataType.Value
     config = model_config.ModelConfig(
@@ -130,16 +132,18 @@ def executor_config(cfg: PipelineConfig, name: str = contract.MODEL_NAME, canary
         config.parameters[key].string_value = str(value)
     if canary_user_id is not None:
         config.parameters["canary_user_id"].string_value = str(int(canary_user_id))
+    if canary_cold_user_id is not None:
+        config.parameters["canary_cold_user_id"].string_value = str(int(canary_cold_user_id))
     return config
 
 
 class RetrievalRuntime(TritonExecutorRuntime):
     """merlin's executor runtime, exporting our executor model instead of merlin's."""
 
-    def __init__(self, cfg: PipelineConfig, canary_user_id: int | None = None):
+    def __init__(self, cfg: PipelineConfig, canary_user_id: int | None = None, canary_cold_user_id: int | None = None):
         super().__init__()
         self.cfg = cfg
-        self.canary_user_id = canary_user_id
+        self.canary_user_id, self.canary_cold_user_id = canary_user_id, canary_cold_user_id
         self._version = 1
 
     def export(self, ensemble, path: str, version: int = 1, name: str = None):
@@ -153,7 +157,7 @@ class RetrievalRuntime(TritonExecutorRuntime):
         model_dir = Path(path) / export_name
         version_dir = model_dir / str(version)
         version_dir.mkdir(parents=True, exist_ok=True)
-        config = executor_config(self.cfg, export_name, self.canary_user_id)
+        config = executor_config(self.cfg, export_name, self.canary_user_id, self.canary_cold_user_id)
         config.version_policy.specific.versions.append(version)  # the version to serve; see ensemble.deploy
         (model_dir / "config.pbtxt").write_text(text_format.MessageToString(config))
         (model_dir / f"config.v{version}.pbtxt").write_text(text_format.MessageToString(config))
@@ -163,6 +167,15 @@ class RetrievalRuntime(TritonExecutorRuntime):
                             ignore=shutil.ignore_patterns("__pycache__", "*.pyc"), dirs_exist_ok=True)
         ensemble.save(str(version_dir / "ensemble"))
         return config
+
+
+def cold_user_id(stored: np.ndarray) -> int:
+    """A user id that is not in `stored` (the exported user table's ids): the canary's new user."""
+    stored = np.unique(np.asarray(stored, dtype=np.int64))
+    if not len(stored) or stored[-1] < np.iinfo(np.int64).max:
+        return int(stored[-1]) + 1 if len(stored) else 0
+    gaps = np.flatnonzero(np.diff(stored) > 1)  # every id taken up to int64's largest: the first hole
+    return int(stored[gaps[0]]) + 1 if len(gaps) else int(stored[0]) - 1
 
 
 def record_version_files(version_dir: Path, manifest: dict) -> None:
@@ -206,7 +219,8 @@ def build_repository(artifacts_dir: str | Path, repository: str | Path, overwrit
         ensemble = build_ensemble(artifacts, scratch, cfg, manifest)
         users = pd.read_parquet(artifacts / contract.ARTIFACT_USER_FEATURES, columns=[cfg.data.user_id])[cfg.data.user_id]
         canary = int(users.iloc[0]) if len(users) else None
-        ensemble.export(str(repo), runtime=RetrievalRuntime(cfg, canary), name=contract.MODEL_NAME, version=version)
+        ensemble.export(str(repo), runtime=RetrievalRuntime(cfg, canary, cold_user_id(users.to_numpy())),
+                        name=contract.MODEL_NAME, version=version)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     record_version_files(repo / contract.MODEL_NAME / str(version), manifest)

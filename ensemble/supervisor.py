@@ -84,7 +84,7 @@ class Supervisor:
     def __init__(self, server: TritonServer, cfg: ServeConfig):
         self.server, self.cfg = server, cfg
         self.state = HealthState()
-        self.canary_user, self.canary_known = canary_user(server.repository, server.model)
+        self.canary_user, self.canary_known, self.canary_cold_user = canary_user(server.repository, server.model)
         self._stop = threading.Event()
         self._lock = threading.Lock()  # start/stop of the server: the supervising thread vs stop()
         self._restarts: deque[float] = deque()
@@ -132,7 +132,8 @@ class Supervisor:
         self.state.ready, self.state.reason = ready, reason
 
     def _check(self) -> CanaryResult:
-        result = canary(self.server.http_url, self.canary_user, self.canary_known, self.cfg.canary_timeout_s, self.server.model)
+        result = canary(self.server.http_url, self.canary_user, self.canary_known, self.cfg.canary_timeout_s, self.server.model,
+                        self.canary_cold_user)
         self.state.last_canary = result
         return result
 

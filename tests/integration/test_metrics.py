@@ -79,3 +79,27 @@ def test_our_families_count_what_we_sent(server, trained):
         assert 0 < delta("retrieval_stage_seconds_sum", stage=stage) < batches * 0.5  # seconds, and sane ones
     assert delta("retrieval_batch_users_sum") == 4 * 4 + 1
     assert metric(after, "nv_inference_request_success", model=contract.MODEL_NAME) >= 5  # Triton's own, beside ours
+
+
+def test_the_canary_runs_the_whole_request_path_and_not_only_the_cache(server, repository, trained):
+    """A stored user's query comes from the query cache; the canary's second request, for a user the
+    export does not store, is what runs the lookup, the transform and the tower on every probe."""
+    from ensemble.health import canary, canary_user
+
+    user, known, new_user = canary_user(repository)
+    stored = set(pd.read_parquet(trained["artifacts"] / contract.ARTIFACT_USER_FEATURES).user_id.tolist())
+    assert known and user in stored and new_user is not None and new_user not in stored
+    before = scrape(server)
+    result = canary(server.http_url, user, known, 10.0, cold_user_id=new_user)
+    assert result.ok, result
+    assert re.fullmatch(rf"user {user} -> item -?\d+, new user {new_user} -> item -?\d+", result.detail), result.detail
+    after = scrape_after(server, before, "retrieval_requests_total", 2)
+
+    def delta(name, **labels):
+        return metric(after, name, **labels) - metric(before, name, **labels)
+
+    assert delta("retrieval_requests_total", outcome="ok") == 2
+    assert delta("retrieval_cached_users_total") == 1
+    assert delta("retrieval_users_total", kind="unknown") == 1
+    for stage in ("lookup", "transform", "tower"):
+        assert delta("retrieval_stage_seconds_count", stage=stage) == 1

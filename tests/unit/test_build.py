@@ -60,3 +60,20 @@ def test_rebuilding_needs_overwrite(repository, trained):
 
     with pytest.raises(ArtifactError, match="exists and is not empty; pass --overwrite"):
         build_repository(trained["artifacts"], repository)
+
+
+def test_the_canary_users_are_one_stored_and_one_not(repository, trained):
+    import numpy as np
+    import pandas as pd
+
+    from ensemble.build import cold_user_id
+    from ensemble.health import canary_user
+
+    stored = pd.read_parquet(trained["artifacts"] / contract.ARTIFACT_USER_FEATURES).user_id.to_numpy()
+    user, known, new_user = canary_user(repository)
+    assert known and user == stored[0] and new_user == stored.max() + 1
+    big = np.iinfo(np.int64).max
+    assert cold_user_id(np.array([5, 3, 9])) == 10
+    assert cold_user_id(np.array([], dtype=np.int64)) == 0
+    assert cold_user_id(np.array([big, 7, 8, big - 1])) == 9  # the largest id taken: the first hole above the smallest
+    assert cold_user_id(np.array([big - 1, big])) == big - 2  # no hole: below the smallest
