@@ -80,7 +80,7 @@ serve: $(STAMP) ## run tritonserver on $(REPOSITORY) supervised, in the foregrou
 		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) --health-port $(HEALTH_PORT) $(CONFIG_FLAG)
 
 health: $(STAMP) ## one canary request through the served model (exit 0: it answers)
-	$(PY) -m ensemble health --url $(HOST):$(HTTP_PORT)
+	$(PY) -m ensemble health --url $(HOST):$(HTTP_PORT) --repository $(REPOSITORY)
 
 deploy: $(STAMP) ## add $(ARTIFACTS) as the next version of $(REPOSITORY) and switch a running server (MODEL_CONTROL=explicit) to it
 	$(PY) -m ensemble deploy --repository $(REPOSITORY) --artifacts $(ARTIFACTS) --url $(HOST):$(GRPC_PORT)

@@ -4,7 +4,7 @@
 
 For the artifacts of `make train CONFIG=configs/aliccp-scale.yaml` (about 200,000 users, 490,000
 trained items, 4 million training clicks) it measures, on the real catalogue (no synthetic padding):
-the repository build, the in-process load (seconds, RSS) and one-user requests in-process; then
+the repository build, the in-process load (seconds, RSS, the query cache's note) and one-user requests in-process; then
 tritonserver's readiness, memory (server plus stubs) and perf_analyzer at concurrency 1, with the
 user features embedded and with them in a Redis of its own (materialize seconds too). Writes
 `seed_size.json` and `seed_size.md` into --out.
@@ -65,6 +65,7 @@ def main(argv=None) -> int:
     rss_before = psutil.Process().memory_info().rss / 2**20
     executor, report["in_process_load_s"] = _timed(load_model_in_process, repo)
     report["in_process_load_rss_mb"] = psutil.Process().memory_info().rss / 2**20 - rss_before  # what the loaded model holds
+    report["query_cache"] = {"embedded": executor.cache_note}
     del executor
     report["in_process"] = systems.in_process(repo, args.artifacts, args.requests, 0)
     LOG.info("in-process: p50 %.2f ms (%s; query cache %s)", report["in_process"]["p50_ms"],
@@ -84,6 +85,7 @@ def main(argv=None) -> int:
             shutil.rmtree(redis_repo, ignore_errors=True)
             redis_cfg = dataclasses.replace(cfg, serve=dataclasses.replace(cfg.serve, feature_store=redis.url))
             build_repository(args.artifacts, redis_repo, cfg=redis_cfg)
+            report["query_cache"]["redis"] = load_model_in_process(redis_repo).cache_note
             report["redis"] = systems.sweep_server("seed_redis", redis_repo, "retrieval", rows, shapes, [1], args.tools, out / "perf",
                                                    args.measurement_ms)
         finally:
@@ -114,6 +116,7 @@ def format_report(report: dict) -> str:
         row("repository build", f"{report['build_s']:.1f} s"),
         row("in-process load", f"{report['in_process_load_s']:.1f} s, +{report['in_process_load_rss_mb']:,.0f} MiB"),
         row("in-process p50, one user per request", f"{report['in_process']['p50_ms']:.2f} ms"),
+        row("query cache (stored users' queries, at load)", *(report["query_cache"].get(k, "") for k in ("embedded", "redis"))),
     ]
     if "redis" in report:
         lines.append(row("materialize into Redis", "", f"{report['materialize_s']:.1f} s ({report['materialized_users']:,} users)"))

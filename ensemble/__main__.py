@@ -31,6 +31,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_config_args(serve)
     health = sub.add_parser("health", help="send one canary request through the model; exit 0 when it answers")
     health.add_argument("--url", default=f"127.0.0.1:{contract.DEFAULT_HTTP_PORT}", help="Triton's HTTP host:port")
+    health.add_argument("--repository", type=Path, help="ask for the users this repository names (a stored user, known, "
+                        "then one it does not store), as the supervisor does; instead of the three flags below")
     health.add_argument("--user-id", type=int, default=0, help="the user to ask for")
     health.add_argument("--known", action="store_true", help="the user is known: an unknown_user answer fails the check")
     health.add_argument("--new-user-id", type=int, help="a user the export does not store, asked next: its request runs "
@@ -85,7 +87,13 @@ def main(argv=None) -> int:
     if args.command == "health":
         from ensemble.health import canary
 
-        result = canary(args.url, args.user_id, args.known, args.timeout_s, cold_user_id=args.new_user_id)
+        from ensemble.health import canary_user
+
+        if args.repository and not (args.repository / contract.MODEL_NAME / "config.pbtxt").is_file():
+            print(f"not ready: {args.repository / contract.MODEL_NAME / 'config.pbtxt'} does not exist; pass the served model repository")
+            return 2
+        user, known, new_user = canary_user(args.repository) if args.repository else (args.user_id, args.known, args.new_user_id)
+        result = canary(args.url, user, known, args.timeout_s, cold_user_id=new_user)
         print(f"{'ready' if result.ok else 'not ready'} ({result.kind}): {result.detail}")
         return 0 if result.ok else 1
     if args.command == "build":

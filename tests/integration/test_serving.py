@@ -102,3 +102,17 @@ def test_cli_errors_are_one_line_without_traceback(server, known_users):
     assert "Traceback" not in down.stderr and len(down.stderr.strip().splitlines()) == 1
     bad = _cli("--url", server.grpc_url, "--user-id", str(known_users[0]), "--top-k", "0")
     assert bad.returncode == 1 and "top_k must be in" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_health_cli_asks_the_repositorys_two_canary_users(server, repository, known_users, tmp_path):
+    from ensemble.build import cold_user_id
+
+    run = lambda *a: subprocess.run([sys.executable, "-m", "ensemble", "health", "--url", server.http_url, *a],  # noqa: E731
+                                    capture_output=True, text=True, timeout=120)
+    ok = run("--repository", str(repository))
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert ok.stdout.startswith(f"ready (ok): user {known_users[0]} -> item ")
+    assert f", new user {cold_user_id(known_users)} -> item " in ok.stdout
+    missing = run("--repository", str(tmp_path))
+    assert missing.returncode == 2
+    assert missing.stdout.strip() == f"not ready: {tmp_path / contract.MODEL_NAME / 'config.pbtxt'} does not exist; pass the served model repository"

@@ -13,6 +13,7 @@ def test_table_with_and_without_redis():
         "index": {"factory": "IVF1024,Flat", "recall_at_10": 0.991, "bytes": 130 * 2**20},
         "build_s": 12.5, "in_process_load_s": 3.25, "in_process_load_rss_mb": 410.0,
         "in_process": {"p50_ms": 0.61}, "materialize_s": 8.0, "materialized_users": 199953,
+        "query_cache": {"embedded": "on, 199,953 users, 48.8 MB, built in 2.10 s", "redis": "off: the feature store is Redis"},
         "embedded": _server(6.0, 1500.0, 1.21, 2.5, 800.0), "redis": _server(6.5, 1100.0, 1.45, 3.0, 650.0),
     }
     text = format_report(report)
@@ -20,6 +21,7 @@ def test_table_with_and_without_redis():
     assert "| c=1 p50 / p99 (perf_analyzer, gRPC) | 1.21 / 2.50 ms | 1.45 / 3.00 ms |" in text
     assert "| materialize into Redis |  | 8.0 s (199,953 users) |" in text
     assert "| in-process load | 3.2 s, +410 MiB |  |" in text
-    del report["redis"]
+    assert "| query cache (stored users' queries, at load) | on, 199,953 users, 48.8 MB, built in 2.10 s | off: the feature store is Redis |" in text
+    del report["redis"], report["query_cache"]["redis"]
     text = format_report(report)
     assert "| server + stubs RSS | 1,500 MiB |  |" in text and "materialize" not in text
