@@ -249,8 +249,9 @@ class Supervisor:
         signal.signal(signal.SIGTERM, _signal)
         self.start_health_server()
         LOG.info("supervising tritonserver: model %r on gRPC %s, HTTP http://%s, metrics %s; readiness at %s/ready "
-                 "(canary every %.1f s, user %d). Press Ctrl-C to stop.", contract.MODEL_NAME, self.server.grpc_url,
-                 self.server.http_url, self.server.metrics_url, self.health_url, self.cfg.canary_interval_s, self.canary_user)
+                 "(canary every %.1f s, user %d%s). Press Ctrl-C to stop.", contract.MODEL_NAME, self.server.grpc_url,
+                 self.server.http_url, self.server.metrics_url, self.health_url, self.cfg.canary_interval_s, self.canary_user,
+                 "" if self.canary_cold_user is None else f", then new user {self.canary_cold_user}")
         try:
             self.run()
         except ServerError as e:

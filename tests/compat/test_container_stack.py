@@ -52,13 +52,15 @@ def test_the_container_stack_is_what_the_container_holds(compat_python):
     assert out.strip().splitlines()[-1] == "(3, 10) 1.7.2 1.22.4 2.12.0 3.20.3 True False"
 
 
-def test_ready_and_the_canary_passes(container_server, trained):
+def test_ready_and_the_canary_passes(container_server, repository, trained):
     from pathlib import Path
 
-    from ensemble.health import canary
+    from ensemble.health import canary, canary_user
 
     assert container_server.is_ready()
-    assert canary(container_server.http_url).ok
+    user, known, new_user = canary_user(repository)  # a stored user (from the cache), then one the export lacks (the whole path)
+    result = canary(container_server.http_url, user, known, 10.0, cold_user_id=new_user)
+    assert result.ok and f", new user {new_user} -> item " in result.detail, result
     # the query cache is built on this stack too (numpy 1.22, Python 3.10): answers below equal the main server's
     stored = len(pd.read_parquet(trained["artifacts"] / contract.ARTIFACT_USER_FEATURES))
     assert f"query cache: on, {stored:,} users, " in Path(container_server.log_path).read_text(errors="replace")
