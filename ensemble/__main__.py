@@ -85,9 +85,7 @@ def _history_length(manifest: dict) -> int:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.command == "health":
-        from ensemble.health import canary
-
-        from ensemble.health import canary_user
+        from ensemble.health import canary, canary_user
 
         if args.repository and not (args.repository / contract.MODEL_NAME / "config.pbtxt").is_file():
             print(f"not ready: {args.repository / contract.MODEL_NAME / 'config.pbtxt'} does not exist; pass the served model repository")

@@ -113,7 +113,7 @@ def _error_text(error: urllib.error.HTTPError) -> str:
 
 def canary_user(repository, model: str = contract.MODEL_NAME) -> tuple[int, bool, int | None]:
     """(user id, known, new user id or None) for the canary: the repository's `canary_user_id` and
-    `canary_cold_user_id` parameters when set (user 0, not known and no second row otherwise)."""
+    `canary_cold_user_id` parameters when set (user 0, not known and no second request otherwise)."""
     from ensemble.loader import model_parameters
 
     try:

@@ -25,6 +25,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
+from pathlib import Path
 
 from common import contract
 from common.config import ServeConfig
@@ -84,7 +85,8 @@ class Supervisor:
     def __init__(self, server: TritonServer, cfg: ServeConfig):
         self.server, self.cfg = server, cfg
         self.state = HealthState()
-        self.canary_user, self.canary_known, self.canary_cold_user = canary_user(server.repository, server.model)
+        self._canary_stamp = None
+        self.canary_user, self.canary_known, self.canary_cold_user = self._canary_users()
         self._stop = threading.Event()
         self._lock = threading.Lock()  # start/stop of the server: the supervising thread vs stop()
         self._restarts: deque[float] = deque()
@@ -131,7 +133,21 @@ class Supervisor:
                 LOG.warning("not ready: %s", reason)
         self.state.ready, self.state.reason = ready, reason
 
+    def _canary_users(self) -> tuple[int, bool, int | None]:
+        """The canary's users, read again whenever config.pbtxt is replaced: a deploy switches it to
+        a version whose export may hold other users (the old stored one would come back unknown)."""
+        try:
+            st = (Path(self.server.repository) / self.server.model / "config.pbtxt").stat()
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        except OSError:
+            stamp = None
+        if stamp != self._canary_stamp or stamp is None:
+            self._canary_stamp = stamp
+            self.canary_user, self.canary_known, self.canary_cold_user = canary_user(self.server.repository, self.server.model)
+        return self.canary_user, self.canary_known, self.canary_cold_user
+
     def _check(self) -> CanaryResult:
+        self._canary_users()
         result = canary(self.server.http_url, self.canary_user, self.canary_known, self.cfg.canary_timeout_s, self.server.model,
                         self.canary_cold_user)
         self.state.last_canary = result

@@ -77,3 +77,4 @@ def test_the_canary_users_are_one_stored_and_one_not(repository, trained):
     assert cold_user_id(np.array([], dtype=np.int64)) == 0
     assert cold_user_id(np.array([big, 7, 8, big - 1])) == 9  # the largest id taken: the first hole above the smallest
     assert cold_user_id(np.array([big - 1, big])) == big - 2  # no hole: below the smallest
+
