@@ -81,9 +81,7 @@ class GraphRunner:
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Every step on one batch; the graph's outputs."""
-        self.last_run_s = {}
-        produced = self._run_steps(inputs, [], 0, len(self._steps))
-        return {n: inputs[c] if step is None else produced[step][c] for n, (step, c) in self._outputs}
+        return self.run_from(inputs, 0, {})
 
     def run_prefix(self, inputs: Mapping[str, np.ndarray], cut: int) -> dict[Source, np.ndarray]:
         """The steps before `cut` on one batch; the columns they carry past it (`carried`)."""

@@ -86,7 +86,7 @@ class Supervisor:
         self.server, self.cfg = server, cfg
         self.state = HealthState()
         self._canary_stamp = None
-        self.canary_user, self.canary_known, self.canary_cold_user = self._canary_users()
+        self._canary_users()  # sets canary_user, canary_known, canary_cold_user
         self._stop = threading.Event()
         self._lock = threading.Lock()  # start/stop of the server: the supervising thread vs stop()
         self._restarts: deque[float] = deque()
