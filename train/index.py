@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 
@@ -66,11 +67,11 @@ def factory_string(cfg: IndexConfig, n_items: int, dim: int) -> str:
 
 
 def ivf_cells(cfg: IndexConfig, n_items: int) -> int:
-    """IVF cells for the configured kind; IVF-PQ's 0 is the power of two nearest sqrt(n_items)."""
+    """IVF cells for the configured kind; IVF-PQ's 0 is the smallest power of two >= sqrt(n_items)."""
     kind = cfg.resolved_kind(n_items)
     nlist = {"ivf_sq": cfg.sq_nlist, "ivf_pq": cfg.pq_nlist}.get(kind, cfg.nlist)
     if kind == "ivf_pq" and nlist == 0:
-        nlist = 1 << int(round(np.log2(max(1.0, np.sqrt(n_items)))))
+        nlist = 1 << math.ceil(math.log2(max(1.0, math.sqrt(n_items))))
     # k-means wants about 39 points per centroid; fewer gives FAISS warnings and poor cells.
     return max(1, min(nlist, n_items // 39))
 

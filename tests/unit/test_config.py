@@ -121,7 +121,7 @@ def test_missing_and_invalid_files(tmp_path):
         (lambda: IndexConfig(sq_type="PQ8"), r"^index.sq_type must be one of \('SQ8', 'SQ6', 'SQ4', 'SQfp16'\), got 'PQ8'$"),
         (lambda: IndexConfig(train_points_per_cell=10), "^index.train_points_per_cell must be >= 39, got 10$"),
         (lambda: IndexConfig(add_chunk=0), "^index.add_chunk must be >= 1, got 0$"),
-        (lambda: IndexConfig(pq_nlist=-1), r"^index.pq_nlist must be >= 0 \(0: about the square root of the catalogue size\), got -1$"),
+        (lambda: IndexConfig(pq_nlist=-1), r"^index.pq_nlist must be >= 0 \(0: the power of two at or above the square root of the catalogue size\), got -1$"),
         (lambda: IndexConfig(pq_nlist=8, pq_nprobe=9), "^index.pq_nprobe must be in 1..pq_nlist=8, got 9$"),
         (lambda: IndexConfig(pq_nprobe=0), "^index.pq_nprobe must be >= 1, got 0$"),
         (lambda: IndexConfig(pq_m=7), r"^index.pq_m must be 0 \(the embedding size\) or a positive even number, got 7$"),
