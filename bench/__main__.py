@@ -96,6 +96,8 @@ def main(argv=None) -> int:
     reference.build_reference_repository(baseline, repos["reference_our_index_batched"], scratch, cfg.data,
                                          index_path=baseline / "items.faiss", max_batch_size=ServeConfig().max_batch_size)
     trivial.build_trivial_repository(repos["trivial"])
+    catalogue["served_search"] = indexes.served_recall(
+        repos["ours"], scale.user_queries(args.artifacts, args.work, args.recall_queries, args.seed), exact)
 
     n_rows = 1000
     ours_rows, ours_shapes = systems.our_inputs(args.artifacts, n_rows, args.seed)

@@ -103,3 +103,25 @@ def compare_indexes(vectors: np.ndarray, queries: np.ndarray, kinds: tuple[str, 
                  row["ef_search"], recall, row["p50_ms_one_query"], row["memory_mb"])
         rows.append(row)
     return rows
+
+
+def served_recall(repository: Path, queries: np.ndarray, exact: np.ndarray) -> dict:
+    """Recall@10 of the served model's own search, one query a call as at concurrency 1.
+
+    The model is loaded in-process from its repository with its serve settings (threads, the
+    probe split), so this is the search a request gets, which at 10M items is not the index's
+    own `search` (ensemble.ops.probe_split); `exact` holds catalogue rows.
+    """
+    from ensemble.loader import load_model_in_process
+    from ensemble.ops.search import SearchItems
+
+    executor = load_model_in_process(repository)
+    op = next(node.op for node in executor.runner.nodes if isinstance(node.op, SearchItems))
+    expected = op._item_ids[exact[:, :10]]
+    found = np.concatenate([op.search(q[None], np.array([10]))[0] for q in queries])
+    per_query = np.array([len(np.intersect1d(f, e)) for f, e in zip(found, expected)], dtype=np.float64) / 10
+    result = {"recall_at_10": float(per_query.mean()), "recall_se": float(per_query.std(ddof=1) / np.sqrt(len(per_query))),
+              "search": op.describe()}
+    LOG.info("served search: recall@10 %.4f (standard error %.4f) over %d queries; %s", result["recall_at_10"], result["recall_se"],
+             len(per_query), result["search"])
+    return result

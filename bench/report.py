@@ -99,7 +99,7 @@ def targets(report: dict) -> dict[str, dict]:
         f"throughput at c=8 >= 20x the stock reference's{at_base}": _target(_ratio(b8 and b8["throughput"], r8 and r8["throughput"]),
                                                                           TARGETS["throughput_ratio_c8"], ">="),
         f"p50 at c=1, {items:,} items <= 1.5 x at {base_items:,} items": _target(scaling[0], TARGETS["p50_c1_scaling"], "<=", scaling[1]),
-        f"served index recall@10 vs exact >= 0.95 ({items:,} items)": _target(report["catalogue"]["index"]["recall_at_10"],
+        f"served index recall@10 vs exact >= 0.95 ({items:,} items)": _target(served_recall(report["catalogue"]),
                                                                              TARGETS["recall_at_10"], ">="),
         f"server + stubs < 3 GB, MB ({items:,} items)": _target(ours["memory_mb"]["total"], TARGETS["memory_mb"], "<"),
     }
@@ -148,6 +148,12 @@ def _fmt(v, f: str) -> str:
     return "-" if v is None else format(v, f)
 
 
+def served_recall(cat: dict) -> float:
+    """Recall@10 of the served model's search (bench.indexes.served_recall); the index's own, measured at
+    build, for a report from before that was measured."""
+    return cat["served_search"]["recall_at_10"] if "served_search" in cat else cat["index"]["recall_at_10"]
+
+
 def _catalogue_line(cat: dict, label: str) -> str:
     gen = cat.get("generator", {})
     idx = cat["index"]
@@ -155,7 +161,9 @@ def _catalogue_line(cat: dict, label: str) -> str:
             f"synthetic from a {gen.get('components', '-')}-cell Gaussian mixture fitted to the trained vectors, unit norm), "
             f"d={idx['dim']}; served index {idx['factory']} {idx['search_params']}, built in {idx['build_s']:.1f} s, "
             f"{idx['bytes'] / 2**20:,.0f} MB, recall@10 vs exact {idx['recall_at_10']:.4f}"
-            + (f" (standard error {idx['recall_se']:.4f})." if "recall_se" in idx else "."))
+            + (f" (standard error {idx['recall_se']:.4f})" if "recall_se" in idx else "")
+            + (f"; through the served model's search, one query a call: recall@10 {cat['served_search']['recall_at_10']:.4f} "
+               f"(standard error {cat['served_search']['recall_se']:.4f}); {cat['served_search']['search']}." if "served_search" in cat else "."))
 
 
 def markdown(report: dict) -> str:

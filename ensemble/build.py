@@ -127,6 +127,7 @@ def executor_config(cfg: PipelineConfig, name: str = contract.MODEL_NAME, canary
         "feature_store": serve.feature_store,
         "feature_store_timeout_s": serve.feature_store_timeout_s,
         "index_device": serve.index_device, "query_cache_mb": serve.query_cache_mb,
+        "probe_split_min_codes": serve.probe_split_min_codes,
         "history_length": cfg.train.history_length,
     }.items():
         config.parameters[key].string_value = str(value)

@@ -80,7 +80,7 @@ def load_executor(ensemble_dir: str | Path, limits: Limits, params: Mapping[str,
         ensemble_dir: the version folder's `ensemble/`.
         limits: request limits.
         params: the model config's parameters (threads, feature_store, feature_store_timeout_s,
-            index_device, query_cache_mb); defaults for those absent (no query cache: a repository
+            index_device, query_cache_mb, probe_split_min_codes); defaults for those absent (no query cache: a repository
             exported before it).
     """
     params = dict(params or {})
@@ -111,6 +111,7 @@ def load_executor(ensemble_dir: str | Path, limits: Limits, params: Mapping[str,
             node.op.set_store(feature_store_for(feature_store, manifest, node.op.feature_names, timeout_s, node.op.history_length))
         if isinstance(node.op, SearchItems):
             node.op.device = params.get("index_device", "auto")
+            node.op.probe_split_min_codes = int(params.get("probe_split_min_codes", "0"))
         if node.op is not None:
             node.op.load_artifacts(str(ensemble_dir))
             if isinstance(node.op, SearchItems):

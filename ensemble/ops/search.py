@@ -20,6 +20,7 @@ from merlin.schema import ColumnSchema, Schema
 from common import contract
 from common.errors import ArtifactError, ConfigError
 from ensemble.ops import ArrayOperator
+from ensemble.ops.probe_split import SplitRefineSearch, expected_codes, split_unsupported
 from ensemble.ops.tower import QUERY_EMBEDDING
 
 LOG = logging.getLogger(__name__)
@@ -131,8 +132,8 @@ class SearchItems(ArrayOperator, BaseOperator):
     """
 
     # Loaded by load_artifacts, never pickled into the ensemble.
-    _RUNTIME = ("_index", "_cpu_index", "_device_max_k", "_item_ids", "_id_order", "_sorted_ids", "_seen_users",
-                "_seen_indptr", "_seen_indices")
+    _RUNTIME = ("_index", "_cpu_index", "_device_max_k", "_split", "_split_note", "_item_ids", "_id_order",
+                "_sorted_ids", "_seen_users", "_seen_indptr", "_seen_indices")
 
     def __init__(self, index_path: str | Path, item_ids_path: str | Path, seen_path: str | Path, search_params: dict | None = None):
         super().__init__()
@@ -141,6 +142,7 @@ class SearchItems(ArrayOperator, BaseOperator):
         self.seen_path = str(seen_path)
         self.search_params = dict(search_params or {})
         self.device = "cpu"  # index_device, set by the loader from the model config (default there: auto)
+        self.probe_split_min_codes = 0  # serve.probe_split_min_codes, set by the loader (ensemble.ops.probe_split)
         self._index = None
 
     def __getstate__(self) -> dict:
@@ -149,6 +151,7 @@ class SearchItems(ArrayOperator, BaseOperator):
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self.__dict__.setdefault("device", "cpu")
+        self.__dict__.setdefault("probe_split_min_codes", 0)
         self._index = None
 
     def save_artifacts(self, artifact_path: str) -> None:
@@ -175,6 +178,13 @@ class SearchItems(ArrayOperator, BaseOperator):
         self._cpu_index = index
         self._index, on_gpu = place_index(index, self.device)
         self._device_max_k = GPU_MAX_SELECTION_K if on_gpu else None
+        self._split, self._split_note = None, ""
+        reason = "the index is on GPU" if on_gpu else split_unsupported(index, self.probe_split_min_codes)
+        if reason is None:
+            self._split = SplitRefineSearch(index)
+            self._split_note = (f", one query's cells split over {faiss.omp_get_max_threads()} threads "
+                                f"({expected_codes(index):,.0f} codes a query)" if self._split.split else
+                                f", one thread a query (FAISS {faiss.__version__} cannot split a query's cells)")
         self._item_ids = np.load(where(self.item_ids_path)).astype(np.int64)
         self._id_order = np.argsort(self._item_ids, kind="stable")
         self._sorted_ids = self._item_ids[self._id_order]
@@ -201,7 +211,7 @@ class SearchItems(ArrayOperator, BaseOperator):
             kind += f", re-ranked by {type(faiss.downcast_index(self._cpu_index.refine_index)).__name__} (k_factor {self._cpu_index.k_factor:g})"
         device = f"GPU 0 (searches deeper than {GPU_MAX_SELECTION_K} on CPU)" if self._device_max_k else "CPU"
         params = "per-call SearchParameters" if SEARCH_PARAMETERS else "no SearchParameters (FAISS < 1.7.3): wider probes set on the index"
-        return f"FAISS {faiss.__version__}, {self.n_items} items, {kind} on {device}, {params}"
+        return f"FAISS {faiss.__version__}, {self.n_items} items, {kind}{self._split_note} on {device}, {params}"
 
     def compute_input_schema(self, root_schema, parents_schema, deps_schema, selector) -> Schema:
         names = [QUERY_EMBEDDING, TOP_K, contract.INPUT_USER_ID, contract.INPUT_EXCLUDE, EXCLUDE_SEEN]
@@ -309,8 +319,9 @@ class SearchItems(ArrayOperator, BaseOperator):
             return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
         deep = self._device_max_k is not None and depth > self._device_max_k
         index = self._cpu_index if (deep or widen > 1) else self._index
+        search = self._split.search if self._split is not None and index is self._cpu_index else index.search
         if widen == 1:
-            return index.search(queries, depth)
+            return search(queries, depth)
         ivf = ivf_of(index)
         if ivf is not None:
             owner, attr, value = ivf, "nprobe", min(ivf.nlist, ivf.nprobe * widen)
@@ -329,7 +340,7 @@ class SearchItems(ArrayOperator, BaseOperator):
         before = getattr(owner, attr)
         setattr(owner, attr, value)
         try:
-            return index.search(queries, depth)
+            return search(queries, depth)
         finally:
             setattr(owner, attr, before)
 

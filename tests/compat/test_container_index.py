@@ -28,6 +28,8 @@ import faiss, numpy as np
 from ensemble.ops.search import SearchItems, ivf_of
 folder = sys.argv[2]
 op = SearchItems(folder + "/items.faiss", folder + "/item_ids.npy", folder + "/seen.npz", json.loads(sys.argv[3]))
+faiss.omp_set_num_threads(2)  # serve.threads' default
+op.probe_split_min_codes = int(sys.argv[4])
 op.load_artifacts()
 queries = np.load(folder + "/queries.npy")
 top_k = np.full(len(queries), 10)
@@ -40,7 +42,8 @@ quantizer = faiss.downcast_index(ivf_of(op._cpu_index).quantizer)
 print(json.dumps({"faiss": faiss.__version__, "refine": isinstance(op._cpu_index, faiss.IndexRefine),
                   "nprobe": int(ivf_of(op._cpu_index).nprobe), "k_factor": float(op._cpu_index.k_factor),
                   "residual": bool(faiss.downcast_index(ivf_of(op._cpu_index)).by_residual),
-                  "quantizer_ef": int(quantizer.hnsw.efSearch) if isinstance(quantizer, faiss.IndexHNSW) else None}))
+                  "quantizer_ef": int(quantizer.hnsw.efSearch) if isinstance(quantizer, faiss.IndexHNSW) else None,
+                  "describe": op.describe()}))
 """
 
 
@@ -71,13 +74,46 @@ def test_an_ivf_pq_index_written_by_faiss_18_answers_the_same_on_172(compat_pyth
     excluded = np.where(np.arange(ids.shape[1]) < 5, ids, -1)
     ids_excluded = op.search(queries, top_k, exclude=excluded)[0]
 
-    run = subprocess.run([str(compat_python), "-c", SCRIPT, str(ROOT), str(tmp_path), json.dumps(params)],
+    run = subprocess.run([str(compat_python), "-c", SCRIPT, str(ROOT), str(tmp_path), json.dumps(params), "0"],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     seen = json.loads(run.stdout.strip().splitlines()[-1])
+    seen.pop("describe")
     assert seen == {"faiss": "1.7.2", "refine": True, "nprobe": params["nprobe"], "k_factor": params["k_factor"], "residual": True,
                     "quantizer_ef": 40 if hnsw_cells else None}
     np.testing.assert_array_equal(np.load(tmp_path / "ids_172.npy"), ids)
     np.testing.assert_allclose(np.load(tmp_path / "scores_172.npy"), scores, rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(np.load(tmp_path / "ids_172_excluded.npy"), ids_excluded)
     assert not any(np.isin(row, out).any() for row, out in zip(ids_excluded, ids[:, :5]))  # each row's left-out items are gone
+
+
+def test_a_split_search_on_18_answers_as_the_unsplit_one_on_172(compat_python, tmp_path):
+    """serve.probe_split_min_codes reached: FAISS 1.8 splits a one-user query's cells over two threads;
+    1.7.2 has no such search (`implem` 14), says so at load and answers the same on one thread a query."""
+    items, queries = _catalogue(seed=1)
+    index = build_index(items, IndexConfig(kind="ivf_pq", pq_nlist=64, pq_nprobe=8))
+    faiss.write_index(index, str(tmp_path / "items.faiss"))
+    np.save(tmp_path / "item_ids.npy", np.arange(N_ITEMS, dtype=np.int64))
+    np.savez(tmp_path / "seen.npz", user_ids=np.zeros(0, np.int64), indptr=np.zeros(1, np.int64), indices=np.zeros(0, np.int64))
+    np.save(tmp_path / "queries.npy", queries)
+    params = search_params(index)
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(2)
+    try:
+        op = SearchItems(tmp_path / "items.faiss", tmp_path / "item_ids.npy", tmp_path / "seen.npz", params)
+        op.probe_split_min_codes = 1
+        op.load_artifacts()
+        assert op._split.split and "one query's cells split over 2 threads (2,500 codes a query)" in op.describe()
+        alone = [op.search(queries[i : i + 1], np.array([10])) for i in range(N_QUERIES)]  # each split over two threads
+        ids, scores = np.concatenate([a[0] for a in alone]), np.concatenate([a[1] for a in alone])
+    finally:
+        faiss.omp_set_num_threads(before)
+
+    run = subprocess.run([str(compat_python), "-c", SCRIPT, str(ROOT), str(tmp_path), json.dumps(params), "1"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    seen = json.loads(run.stdout.strip().splitlines()[-1])
+    assert seen["faiss"] == "1.7.2"
+    assert ", one thread a query (FAISS 1.7.2 cannot split a query's cells) on CPU" in seen["describe"]
+    np.testing.assert_array_equal(np.load(tmp_path / "ids_172.npy"), ids)
+    np.testing.assert_allclose(np.load(tmp_path / "scores_172.npy"), scores, rtol=1e-6, atol=1e-6)

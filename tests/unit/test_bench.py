@@ -217,3 +217,14 @@ def test_median_row_is_the_median_of_each_figure():
     rows = [{"concurrency": 8, "throughput": t, "p50_ms": p, "unstable": u} for t, p, u in ((100.0, 3.0, False), (300.0, 1.0, True),
                                                                                             (200.0, 9.0, False))]
     assert median_row(rows) == {"concurrency": 8, "throughput": 200.0, "p50_ms": 3.0, "unstable": True}
+
+
+def test_the_recall_target_reads_the_served_search_when_it_was_measured():
+    """At 10M the served search is not the index's own (ensemble.ops.probe_split): its recall is the target's."""
+    report = _report(recall=0.96)
+    report["catalogue"]["served_search"] = {"recall_at_10": 0.949, "recall_se": 0.004, "search": "FAISS 1.8.0, split"}
+    t = summarize(report)["targets"]
+    assert t[RECALL]["value"] == pytest.approx(0.949) and not t[RECALL]["met"]
+    md = markdown(report | {"summary": summarize(report)})
+    assert ("recall@10 vs exact 0.9600; through the served model's search, one query a call: recall@10 0.9490 "
+            "(standard error 0.0040); FAISS 1.8.0, split.") in md

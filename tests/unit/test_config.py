@@ -99,6 +99,7 @@ def test_missing_and_invalid_files(tmp_path):
         (lambda: ServeConfig(feature_store_timeout_s=0), r"serve.feature_store_timeout_s must be in \(0, 30\], got 0"),
         (lambda: ServeConfig(index_device="tpu"), "serve.index_device must be cpu, gpu or auto, got 'tpu'"),
         (lambda: ServeConfig(query_cache_mb=-1), r"^serve.query_cache_mb must be >= 0 \(0: off\), got -1$"),
+        (lambda: ServeConfig(probe_split_min_codes=-1), r"^serve.probe_split_min_codes must be >= 0 \(0: off\), got -1$"),
         (lambda: ServeConfig(canary_interval_s=0), "serve.canary_interval_s must be > 0, got 0"),
         (lambda: ServeConfig(canary_timeout_s=-1), "serve.canary_timeout_s must be > 0, got -1"),
         (lambda: ServeConfig(recover_after_failures=0), "serve.recover_after_failures must be >= 1, got 0"),

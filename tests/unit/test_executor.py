@@ -308,12 +308,16 @@ def test_a_loaded_model_searches_on_serve_threads_and_keeps_blas_on_one(reposito
     from threadpoolctl import threadpool_info
 
     from ensemble.loader import load_model_in_process, model_parameters
+    from ensemble.ops.search import SearchItems
 
     params, _ = model_parameters(repository / contract.MODEL_NAME, 1)
     assert params["threads"] == "2"  # serve.threads' default
+    assert params["probe_split_min_codes"] == "50000"  # serve.probe_split_min_codes' default
     faiss.omp_set_num_threads(1)  # whatever ran before in this process
-    load_model_in_process(repository)
+    executor = load_model_in_process(repository)
     assert faiss.omp_get_max_threads() == 2
+    search = next(node.op for node in executor.runner.nodes if isinstance(node.op, SearchItems))
+    assert search.probe_split_min_codes == 50_000 and search._split is None  # 2,000 items: one thread a query
     # the compiled tower's small matmuls ran 8x slower with OpenBLAS threads beside FAISS's team
     blas = {pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"}
     assert blas == {1}
