@@ -12,10 +12,14 @@ and an IndexRefine would re-rank a different list. Here the fast-scan index is a
 more candidates than IndexRefine would take (`SPLIT_EXTRA`), the group tied at the last place is
 dropped, and what is left is exactly the set of items scoring above that last value: the same
 set whatever the threads did, and whatever `implem` a batch of several queries uses. That set is
-re-ranked from the index's fp16 copy of each vector in numpy, one row's sums never mixed with
-another's, and ordered by (score, catalogue row). So a user's answer is the same on any run,
-alone or in a batch, and on FAISS 1.7.2 (the Merlin 23.08 container), which has no `implem` 14
-and searches one query per thread with the same answers.
+re-ranked from the index's fp16 copy of each vector in one numba call, one row's sums never mixed
+with another's, and ordered by (score, catalogue row). A row left with too few (a tie group wider
+than the margin) is searched again deeper by the same rule. So, for the same depth (a batch
+searches as deep as its deepest row needs, as before), a user's answer is the same on any run,
+split or not, alone or in a batch, and on FAISS 1.7.2 (the Merlin 23.08 container), which has no
+`implem` 14 and searches one query per thread with the same answers. The answers are not those
+of the index's own IndexRefine search: its list is cut at k x k_factor whatever ties there, and
+its re-rank sums in another order.
 """
 
 from __future__ import annotations
@@ -25,24 +29,25 @@ import numba
 import numpy as np
 from numba.extending import register_jitable
 
-# FAISS 1.8's fast-scan search that splits one query's cells over the OpenMP threads (heap
-# collector); 1.7.2 raises "implem 14 does not exist".
+# FAISS's fast-scan search that splits one query's cells over the OpenMP threads (heap collector;
+# 1.7.3 on); 1.7.2 raises "implem 14 does not exist".
 SPLIT_IMPLEM = 14
 # A one-query batch is split only when this many batches before it held one query each too: under
 # load the dynamic batcher merges requests, the other cores are busy, and splitting a lone query
 # there cost throughput (10M items, concurrency 8: 1,328-1,412 against 1,424-1,501 infer/s).
 LONE_BATCHES = 4
 # Candidates asked for beyond IndexRefine's k x k_factor, so that dropping the group tied at the
-# last place still leaves at least as many as IndexRefine re-ranks (the group is 1-3 items).
+# last place leaves about as many as IndexRefine re-ranks (the group is 1-6 items on user queries).
 SPLIT_EXTRA = 8
 
 
 def split_unsupported(index: faiss.Index, min_codes: int) -> str | None:
     """Why `index` is not searched with its cells split over the threads, or None when it is.
 
-    It is when the index is an IVF-PQ fast-scan index re-ranked from fp16 vectors (what
-    `index.kind: ivf_pq` builds), FAISS runs more than one thread, and a query scans at least
-    `min_codes` codes on average (ntotal x nprobe / nlist; 0 turns the split off).
+    It is when the index is an inner-product IVF-PQ fast-scan index (blocks of 32, sub-vectors under
+    16 dimensions: each query's lookup tables then come out the same alone or in a batch) re-ranked
+    from fp16 vectors (what `index.kind: ivf_pq` builds), FAISS runs more than one thread, and a
+    query scans at least `min_codes` codes on average (ntotal x nprobe / nlist; 0 turns it off).
     """
     if min_codes <= 0:
         return "serve.probe_split_min_codes is 0"
@@ -51,6 +56,10 @@ def split_unsupported(index: faiss.Index, min_codes: int) -> str | None:
     base, refine = faiss.downcast_index(index.base_index), faiss.downcast_index(index.refine_index)
     if not isinstance(base, faiss.IndexIVFPQFastScan):
         return f"the index's first stage is {type(base).__name__}, not IndexIVFPQFastScan"
+    if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+        return "the index does not rank by inner product"
+    if base.bbs != 32 or base.pq.dsub >= 16:
+        return f"the fast-scan index has blocks of {base.bbs} and {base.pq.dsub}-dimension sub-vectors (32 and under 16 split)"
     if not (isinstance(refine, faiss.IndexScalarQuantizer) and refine.sq.qtype == faiss.ScalarQuantizer.QT_fp16):
         return "the index is not re-ranked from fp16 vectors"
     if faiss.omp_get_max_threads() < 2:
@@ -68,7 +77,7 @@ def expected_codes(index: faiss.IndexRefine) -> float:
 
 
 def split_capable(base: faiss.Index) -> bool:
-    """Whether this FAISS has the split search (`implem` 14): 1.8 does, 1.7.2 does not."""
+    """Whether this FAISS has the split search (`implem` 14): 1.7.3 on does, 1.7.2 does not."""
     before = base.implem
     base.implem = SPLIT_IMPLEM
     try:
@@ -102,18 +111,20 @@ def half_to_float(h):
 def rerank(queries, coarse, rows, halves, depth, whole):
     """Each row's candidates above its list's last fast-scan value (every candidate when the list is
     short or `whole`, the whole catalogue), scored from their fp16 vectors (`halves`, the bits) in
-    float32, the best `depth` by (score, catalogue row).
+    float32 (NaN as -inf), the best `depth` by (score, catalogue row).
 
     Returns (scores, rows) [n, depth], -inf / -1 padded, and per row whether it kept fewer than
-    `depth` from a cut list (one tie group too wide to leave enough).
-    Compiled by numba at its first call (SplitRefineSearch makes it at load): on the request path each numpy call runs with caches
-    the scan has just emptied, some 20-30 us apiece, and this is one call for the whole batch.
+    `depth` from a cut list (a tie group too wide to leave enough). Compiled by numba at its first
+    call (SplitRefineSearch makes it at load): on the request path each numpy call runs with the
+    caches the scan has just emptied, some 20-30 us apiece, and this is one call for the batch.
     """
     n, width = rows.shape
     dim = queries.shape[1]
     out_scores = np.full((n, depth), -np.inf, np.float32)
     out_rows = np.full((n, depth), -1, np.int64)
     short = np.zeros(n, np.bool_)
+    scores = np.empty(width, np.float32)
+    kept = np.empty(width, np.int64)
     for i in range(n):
         cut = not whole and rows[i, width - 1] >= 0
         last = coarse[i, width - 1]
@@ -125,15 +136,15 @@ def rerank(queries, coarse, rows, halves, depth, whole):
             score = np.float32(0.0)
             for t in range(dim):
                 score += half_to_float(np.int64(halves[row, t])) * queries[i, t]
-            # insert into the row's answer, kept best first, ties by catalogue row
-            pos = min(count, depth)
-            while pos > 0 and (score > out_scores[i, pos - 1] or (score == out_scores[i, pos - 1] and row < out_rows[i, pos - 1])):
-                if pos < depth:
-                    out_scores[i, pos], out_rows[i, pos] = out_scores[i, pos - 1], out_rows[i, pos - 1]
-                pos -= 1
-            if pos < depth:
-                out_scores[i, pos], out_rows[i, pos] = score, row
+            scores[count] = score if score == score else -np.inf
+            kept[count] = row
             count += 1
+        # best first, ties by catalogue row: sort by row, then stably by score
+        by_row = np.argsort(kept[:count], kind="mergesort")
+        order = by_row[np.argsort(-scores[:count][by_row], kind="mergesort")]
+        take = min(count, depth)
+        out_scores[i, :take] = scores[:count][order[:take]]
+        out_rows[i, :take] = kept[:count][order[:take]]
         short[i] = cut and count < depth
     return out_scores, out_rows, short
 
@@ -147,15 +158,22 @@ class SplitRefineSearch:
     """
 
     def __init__(self, index: faiss.IndexRefine):
-        self.index = index
+        self.index = index  # keeps the refine index, whose memory `halves` reads, alive
         self.base = faiss.downcast_index(index.base_index)
         refine = faiss.downcast_index(index.refine_index)
-        # The fp16 vectors, read in place (no copy of the 1.3 GB a 10M catalogue's take).
+        # The fp16 vectors, read in place (no copy of the 1.3 GB a 10M catalogue's take), read-only.
         raw = faiss.rev_swig_ptr(refine.codes.data(), refine.ntotal * refine.code_size)
         self.halves = raw.view(np.uint16).reshape(refine.ntotal, refine.d)
+        self.halves.flags.writeable = False
         self.split = split_capable(self.base)
-        self.lone = 0  # how many batches in a row held one query (up to LONE_BATCHES)
+        self.lone = 0  # how many requests in a row held one query (up to LONE_BATCHES)
+        self.split_now = False  # whether this request's lone query is split (note_batch)
         self.search(np.zeros((1, index.d), np.float32), 1)  # numba compiles `rerank` now, not at the first request
+
+    def note_batch(self, n: int) -> None:
+        """A request's batch of `n` queries begins: its lone query is split after LONE_BATCHES lone ones."""
+        self.split_now = self.split and n == 1 and self.lone >= LONE_BATCHES
+        self.lone = min(self.lone + 1, LONE_BATCHES) if n == 1 else 0
 
     def candidates(self, depth: int) -> int:
         """Fast-scan candidates asked for a search `depth` deep (IndexRefine's, and SPLIT_EXTRA)."""
@@ -164,20 +182,22 @@ class SplitRefineSearch:
     def search(self, queries: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores, catalogue rows), [n, depth] each, best first, ties by row; row -1 pads.
 
-        A row whose candidate list is one tie group from top to bottom (many identical vectors)
-        keeps too few here; it is answered by the IndexRefine alone, as without the split.
+        A row left with fewer than `depth` by a tie group wider than the margin (many identical
+        vectors) is searched again 4 times as deep, by the same rule, until it has enough or the
+        list holds the whole catalogue.
         """
         width = self.candidates(depth)
-        split = self.split and len(queries) == 1 and self.lone >= LONE_BATCHES
-        self.lone = min(self.lone + 1, LONE_BATCHES) if len(queries) == 1 else 0
-        self.base.implem = SPLIT_IMPLEM if split else 0
+        scores, rows, short = self._search(queries, depth, width)
+        while (again := np.flatnonzero(short)).size:
+            width = min(self.index.ntotal, width * 4)
+            scores[again], rows[again], short[again] = self._search(queries[again], depth, width)
+        return scores, rows
+
+    def _search(self, queries: np.ndarray, depth: int, width: int):
+        self.base.implem = SPLIT_IMPLEM if self.split_now and len(queries) == 1 else 0
         try:
             coarse, rows = self.base.search(queries, width)
         finally:
             self.base.implem = 0
         # A full list that is not the whole catalogue may end inside a tie group: that group is dropped.
-        scores, rows, short = rerank(queries, coarse, rows, self.halves, depth, width >= self.index.ntotal)
-        tied = np.flatnonzero(short)
-        if tied.size:
-            scores[tied], rows[tied] = self.index.search(queries[tied], depth)
-        return scores, rows
+        return rerank(queries, coarse, rows, self.halves, depth, width >= self.index.ntotal)

@@ -178,13 +178,6 @@ class SearchItems(ArrayOperator, BaseOperator):
         self._cpu_index = index
         self._index, on_gpu = place_index(index, self.device)
         self._device_max_k = GPU_MAX_SELECTION_K if on_gpu else None
-        self._split, self._split_note = None, ""
-        reason = "the index is on GPU" if on_gpu else split_unsupported(index, self.probe_split_min_codes)
-        if reason is None:
-            self._split = SplitRefineSearch(index)
-            self._split_note = (f", one query's cells split over {faiss.omp_get_max_threads()} threads "
-                                f"({expected_codes(index):,.0f} codes a query)" if self._split.split else
-                                f", one thread a query (FAISS {faiss.__version__} cannot split a query's cells)")
         self._item_ids = np.load(where(self.item_ids_path)).astype(np.int64)
         self._id_order = np.argsort(self._item_ids, kind="stable")
         self._sorted_ids = self._item_ids[self._id_order]
@@ -195,6 +188,13 @@ class SearchItems(ArrayOperator, BaseOperator):
         if self._index.ntotal != len(self._item_ids):
             raise ArtifactError(f"{where(self.index_path)} holds {self._index.ntotal} vectors but {where(self.item_ids_path)} "
                                 f"has {len(self._item_ids)} item ids")
+        self._split, self._split_note = None, ""
+        reason = "the index is on GPU" if on_gpu else split_unsupported(index, self.probe_split_min_codes)
+        if reason is None:
+            self._split = SplitRefineSearch(index)
+            self._split_note = (f", a lone query's cells split over {faiss.omp_get_max_threads()} threads "
+                                f"({expected_codes(index):,.0f} codes a query)" if self._split.split else
+                                f", one thread a query (FAISS {faiss.__version__} cannot split a query's cells)")
 
     @property
     def n_items(self) -> int:
@@ -269,6 +269,8 @@ class SearchItems(ArrayOperator, BaseOperator):
             self.load_artifacts()
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         batch = len(queries)
+        if self._split is not None:
+            self._split.note_batch(batch)
         top_k = np.minimum(np.asarray(top_k, dtype=np.int64).reshape(-1), self.n_items)
         kmax = int(top_k.max()) if batch else 0
         owners, excluded = self._exclusions(user_ids, exclude, exclude_seen)

@@ -103,8 +103,8 @@ def test_a_split_search_on_18_answers_as_the_unsplit_one_on_172(compat_python, t
         op = SearchItems(tmp_path / "items.faiss", tmp_path / "item_ids.npy", tmp_path / "seen.npz", params)
         op.probe_split_min_codes = 1
         op.load_artifacts()
-        assert op._split.split and "one query's cells split over 2 threads (2,500 codes a query)" in op.describe()
-        alone = [op.search(queries[i : i + 1], np.array([10])) for i in range(N_QUERIES)]  # each split over two threads
+        assert op._split.split and "a lone query's cells split over 2 threads (2,500 codes a query)" in op.describe()
+        alone = [op.search(queries[i : i + 1], np.array([10])) for i in range(N_QUERIES)]  # split after the first 4
         ids, scores = np.concatenate([a[0] for a in alone]), np.concatenate([a[1] for a in alone])
     finally:
         faiss.omp_set_num_threads(before)

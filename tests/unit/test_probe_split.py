@@ -53,7 +53,7 @@ def test_split_answers_are_the_same_on_every_run_and_alone_or_in_a_batch(tmp_pat
     items, queries = tied_catalogue()
     op = served(tmp_path, ivf_pq(items), min_codes=1)
     assert op._split is not None and op._split.split  # FAISS 1.8 here: the split is on
-    assert re.search(r", one query's cells split over 2 threads \(2,500 codes a query\) on CPU", op.describe())
+    assert re.search(r", a lone query's cells split over 2 threads \(2,500 codes a query\) on CPU", op.describe())
     # The data has what the split gets wrong unhandled: candidate lists that end inside a tie group.
     base = op._split.base
     coarse, _ = base.search(queries, op._split.candidates(18))
@@ -102,21 +102,25 @@ def test_split_answers_re_rank_exactly_the_candidates_above_the_last_tie(tmp_pat
         assert np.array_equal(scores[i], alone[i][0][0])
 
 
-def test_a_list_that_is_one_tie_group_is_answered_by_the_unsplit_search(tmp_path, two_threads):
+def test_a_list_that_is_one_tie_group_is_searched_again_deeper(tmp_path, two_threads):
     """200 copies of the query's best item fill the whole candidate list with one fast-scan distance:
-    nothing is above the cut, so the row is answered by IndexRefine, deep enough and the same each time."""
+    nothing is above the cut, so the row is searched again 4 times as deep (320), where the copies sit
+    above the cut and the first 18 by catalogue row are the answer, the same each time."""
     items, queries = tied_catalogue(seed=7)
     items[:200] = queries[0] * 3  # the best inner product for query 0, 200 times over
     index = ivf_pq(items)
     op = served(tmp_path, index, min_codes=1)
-    coarse, _ = op._split.base.search(queries[:1], op._split.candidates(18))
-    assert (coarse[0] == coarse[0, 0]).all()
-    scores, rows = op._split.search(queries[:1], 18)
-    ref_scores, ref_rows = index.search(queries[:1], 18)
-    assert np.array_equal(rows, ref_rows) and np.array_equal(scores, ref_scores)
-    assert set(rows[0].tolist()) <= set(range(200))
-    ids = [op.search(queries[:1], np.array([10]))[0] for _ in range(5)]
-    assert all(np.array_equal(ids[0], other) for other in ids)
+    split = op._split
+    coarse, _ = split.base.search(queries[:1], split.candidates(18))
+    assert split.candidates(18) == 80 and (coarse[0] == coarse[0, 0]).all()
+    widths, inner = [], split._search
+    split._search = lambda q, depth, width: (widths.append((len(q), width)), inner(q, depth, width))[1]
+    scores, rows = split.search(queries[:3], 18)
+    assert widths[0] == (3, 80) and widths[1][1] == 320 and len(widths) == 2  # the tied rows again, deeper
+    assert rows[0].tolist() == list(range(18)) and (scores[0] == scores[0, 0]).all()
+    for i in range(3):  # each row as alone
+        again = split.search(queries[i : i + 1], 18)
+        assert np.array_equal(again[1][0], rows[i]) and np.array_equal(again[0][0], scores[i])
 
 
 def test_the_split_search_widens_its_probe_for_short_rows(tmp_path, two_threads):
@@ -173,7 +177,8 @@ def test_the_compiled_re_rank_reads_every_finite_half_exactly():
 
 
 def test_a_lone_query_is_split_only_after_lone_batches_in_a_row(tmp_path, two_threads):
-    """Under load the batcher merges requests: a one-query batch right after a merged one stays on one thread."""
+    """Under load the batcher merges requests: a one-query batch right after a merged one stays on
+    one thread. Requests are counted, not searches: a request's deeper re-search does not count."""
     items, queries = tied_catalogue()
     op = served(tmp_path, ivf_pq(items), min_codes=1)
     split, calls = op._split, []
@@ -181,6 +186,32 @@ def test_a_lone_query_is_split_only_after_lone_batches_in_a_row(tmp_path, two_th
     split.base.search = lambda q, k: (calls.append((len(q), split.base.implem)), search(q, k))[1]
     sizes = [1, 1, 1, 1, 1, 3, 1, 1, 1, 1, 1, 2]
     answers = [op.search(queries[:n], np.full(n, 10))[0] for n in sizes]
-    assert LONE_BATCHES == 4 and calls == [(1, 0), (1, 0), (1, 0), (1, SPLIT_IMPLEM), (1, SPLIT_IMPLEM), (3, 0),
-                                           (1, 0), (1, 0), (1, 0), (1, 0), (1, SPLIT_IMPLEM), (2, 0)]  # load's warm-up was the first
+    assert LONE_BATCHES == 4 and calls == [(1, 0), (1, 0), (1, 0), (1, 0), (1, SPLIT_IMPLEM), (3, 0),
+                                           (1, 0), (1, 0), (1, 0), (1, 0), (1, SPLIT_IMPLEM), (2, 0)]
     assert all(np.array_equal(a[0], answers[0][0]) for a in answers)
+    calls.clear()
+    op.search(queries[:1], np.array([5000]))  # 5,000 of 2,500 codes a probe: searched again, wider, in one request
+    deep = len(calls)
+    for _ in range(4):
+        op.search(queries[:1], np.array([10]))
+    assert deep == 2 and calls == [(1, 0)] * deep + [(1, 0), (1, 0), (1, 0), (1, SPLIT_IMPLEM)]
+
+
+def test_split_is_off_for_an_l2_index_and_for_long_sub_vectors(two_threads):
+    items, _ = tied_catalogue()
+    l2 = faiss.index_factory(DIM, "IVF64,PQ16x4fsr,Refine(SQfp16)", faiss.METRIC_L2)
+    l2.train(items)
+    l2.add(items)
+    assert split_unsupported(l2, 1) == "the index does not rank by inner product"
+    long = faiss.index_factory(DIM, "IVF64,PQ1x4fsr,Refine(SQfp16)", faiss.METRIC_INNER_PRODUCT)  # one 16-dimension code
+    long.train(items)
+    long.add(items)
+    assert split_unsupported(long, 1) == ("the fast-scan index has blocks of 32 and 16-dimension sub-vectors "
+                                          "(32 and under 16 split)")
+
+
+def test_a_nan_score_ranks_last():
+    table = np.array([[0x7E00], [0x4000], [0x4400], [0x4200]], np.uint16)  # NaN, 2, 4, 3 as fp16
+    rows = np.array([[0, 1, 2, 3]], np.int64)
+    scores, best, short = rerank(np.ones((1, 1), np.float32), np.zeros((1, 4), np.float32), rows, table, 4, True)
+    assert best[0].tolist() == [2, 3, 1, 0] and scores[0].tolist() == [4.0, 3.0, 2.0, -np.inf] and not short[0]
