@@ -484,7 +484,9 @@ class ServeConfig:
             that needs more stays uncached (the load log says so). About 260 bytes a user at d=64.
         probe_split_min_codes: from how many codes a query scans on average (items x nprobe /
             cells) one query's IVF cells are split over the FAISS threads instead of one thread a
-            query (`ensemble.ops.probe_split`; IVF-PQ indexes, FAISS 1.8; answers unchanged by it).
+            query (`ensemble.ops.probe_split`; IVF-PQ indexes, FAISS 1.7.3 on). Where it applies, every
+            batch is re-ranked its way (a user's answer is the same split or not, alone or in a batch),
+            which is not quite the index's own IndexRefine answer (its list cut and its sums differ).
             50,000 by default: at 10M items (97k codes) the search after an idle millisecond took
             0.60-0.66 ms against 0.68-0.77; at 1M (23k codes) it was slower. 0 turns it off.
         ready_timeout_s: how long `serve` waits for the server to become ready.
