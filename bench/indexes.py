@@ -12,7 +12,8 @@ import numpy as np
 
 from common.config import IndexConfig, ServeConfig
 from ensemble.ops.search import NO_BLAS_BELOW, TIE_MARGIN, ivf_of
-from train.index import build_index, configure_search, exact_top_k, factory_string, recall_against_exact
+from train.index import (build_index, configure_search, exact_top_k, factory_string, overlap_share, recall_against_exact,
+                         standard_error)
 
 LOG = logging.getLogger(__name__)
 
@@ -119,9 +120,8 @@ def served_recall(repository: Path, queries: np.ndarray, exact: np.ndarray) -> d
     op = next(node.op for node in executor.runner.nodes if isinstance(node.op, SearchItems))
     expected = op._item_ids[exact[:, :10]]
     found = np.concatenate([op.search(q[None], np.array([10]))[0] for q in queries])
-    per_query = np.array([len(np.intersect1d(f, e)) for f, e in zip(found, expected)], dtype=np.float64) / 10
-    result = {"recall_at_10": float(per_query.mean()), "recall_se": float(per_query.std(ddof=1) / np.sqrt(len(per_query))),
-              "search": op.describe()}
+    per_query = overlap_share(found, expected)
+    result = {"recall_at_10": float(per_query.mean()), "recall_se": standard_error(per_query), "search": op.describe()}
     LOG.info("served search: recall@10 %.4f (standard error %.4f) over %d queries; %s", result["recall_at_10"], result["recall_se"],
              len(per_query), result["search"])
     return result

@@ -194,7 +194,12 @@ def recall_per_query(index: faiss.Index, queries: np.ndarray, vectors: np.ndarra
     k = min(k, len(vectors))
     _, found = index.search(np.ascontiguousarray(queries, dtype=np.float32), min(len(vectors), k + TIE_MARGIN))
     exact = exact_top_k(queries, vectors, k) if exact is None else exact[:, :k]
-    return np.array([len(np.intersect1d(f[:k], e)) for f, e in zip(found, exact)], dtype=np.float64) / k
+    return overlap_share(found[:, :k], exact)
+
+
+def overlap_share(found: np.ndarray, exact: np.ndarray) -> np.ndarray:
+    """Each row's |found ∩ exact| / exact's width ([n, k] each, any ids)."""
+    return np.array([len(np.intersect1d(f, e)) for f, e in zip(found, exact)], dtype=np.float64) / exact.shape[1]
 
 
 def standard_error(values: np.ndarray) -> float:

@@ -153,8 +153,8 @@ class SplitRefineSearch:
     """IndexRefine(IVF-PQ fast-scan, fp16) searched with one query's cells split over the threads.
 
     Use `split_unsupported` first; `split` is False where this FAISS lacks `implem` 14, and then
-    every query runs on one thread with the same answers. A one-query batch is split only after
-    LONE_BATCHES one-query batches in a row (concurrency 1, not a loaded server).
+    every query runs on one thread with the same answers. A one-query request is split only after
+    LONE_BATCHES one-query requests in a row (concurrency 1, not a loaded server; `note_batch`).
     """
 
     def __init__(self, index: faiss.IndexRefine):
